@@ -1,0 +1,34 @@
+//! The vmvault repository: format v1 (see `format-spec/FORMAT.md`), chunking, keys and
+//! encryption, packs, the paged chunk index, stream maps, snapshot manifests, locks, backup,
+//! random-access stream reading, restore, check and statistics.
+//!
+//! Everything here is synchronous and uses plain threads; no async runtime, no CLI, no
+//! process configuration. Bytes read from a repository are never trusted: every length is
+//! checked before it sizes an allocation, every object is authenticated, every chunk is
+//! re-hashed after decryption, and a problem is an [`Error`] naming the object.
+
+pub mod backend;
+pub mod backup;
+pub mod check;
+pub mod chunker;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod extents;
+pub mod id;
+pub mod index;
+pub mod keyfile;
+pub mod lock;
+pub mod manifest;
+pub mod object;
+pub mod pack;
+pub mod reader;
+pub mod repo;
+pub mod restore;
+pub mod splitter;
+pub mod stats;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use id::{ChunkId, ObjectId, PackId, SnapshotId};
+pub use repo::{InitOptions, Repository};

@@ -1,0 +1,69 @@
+//! Object files: small encrypted files (snapshot manifests, stream maps, locks).
+//!
+//! Layout: `magic[8] || seal(aad = magic, plaintext)` where
+//! `plaintext = compression[1] || body` (0 = stored, 1 = zstd).
+
+use crate::crypto::Sealer;
+use crate::error::{Error, Result};
+
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"VMVSNAP1";
+pub const STREAM_MAGIC: &[u8; 8] = b"VMVXMAP1";
+pub const LOCK_MAGIC: &[u8; 8] = b"VMVLOCK1";
+
+/// Largest object body accepted when reading (a stream map of a 64 TiB disk at 64 KiB
+/// chunks stays below it).
+pub const MAX_OBJECT_BODY: usize = 1 << 32;
+
+pub fn seal_object(sealer: &Sealer, magic: &[u8; 8], body: &[u8], zstd_level: i32) -> Result<Vec<u8>> {
+    let mut plain = Vec::with_capacity(body.len() / 2 + 1);
+    let compressed = zstd::bulk::compress(body, zstd_level).ok().filter(|c| c.len() < body.len());
+    match compressed {
+        Some(c) => {
+            plain.push(1);
+            plain.extend_from_slice(&c);
+        }
+        None => {
+            plain.push(0);
+            plain.extend_from_slice(body);
+        }
+    }
+    let mut out = magic.to_vec();
+    sealer.seal_into(magic, &plain, &mut out)?;
+    Ok(out)
+}
+
+pub fn open_object(sealer: &Sealer, magic: &[u8; 8], file: &[u8], name: &str) -> Result<Vec<u8>> {
+    if file.len() < 8 || &file[..8] != magic {
+        let found = file.get(..8).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+        return Err(Error::corrupt(
+            name,
+            format!("bad magic at offset 0: expected {:?}, found {found:?}", String::from_utf8_lossy(magic)),
+        ));
+    }
+    let plain = sealer.open(magic, &file[8..], name)?;
+    decompress_tagged(&plain, MAX_OBJECT_BODY, name)
+}
+
+/// Undo `compression[1] || payload`, refusing results over `max` bytes.
+pub fn decompress_tagged(plain: &[u8], max: usize, name: &str) -> Result<Vec<u8>> {
+    match plain.split_first() {
+        Some((0, body)) => Ok(body.to_vec()),
+        Some((1, body)) => {
+            let size = zstd::zstd_safe::get_frame_content_size(body)
+                .ok()
+                .flatten()
+                .ok_or_else(|| Error::corrupt(name, "zstd frame has no content size"))?;
+            if size > max as u64 {
+                return Err(Error::corrupt(name, format!("declares {size} bytes, over the {max}-byte limit")));
+            }
+            let out =
+                zstd::bulk::decompress(body, size as usize).map_err(|e| Error::corrupt(name, format!("zstd: {e}")))?;
+            if out.len() as u64 != size {
+                return Err(Error::corrupt(name, format!("decompressed to {} bytes, frame says {size}", out.len())));
+            }
+            Ok(out)
+        }
+        Some((t, _)) => Err(Error::corrupt(name, format!("unknown compression tag {t}"))),
+        None => Err(Error::corrupt(name, "empty plaintext")),
+    }
+}

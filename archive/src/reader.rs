@@ -1,0 +1,135 @@
+//! A stream of a snapshot as a [`BlockDev`]: random access by binary search in the stream
+//! map, zero extents answered without I/O (and reported by `allocation`), chunks fetched in
+//! parallel through the shared [`ChunkStore`], and read-ahead when reads are sequential.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use blockdev::{check_range, Allocation, BlockDev, Run};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::extents::{ExtentKind, StreamMap};
+use crate::id::ChunkId;
+use crate::store::ChunkStore;
+
+/// Read-ahead tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadAhead {
+    /// Chunks fetched ahead of a sequential reader.
+    pub chunks: usize,
+    /// Threads fetching in the background.
+    pub threads: usize,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+        Self { chunks: 2 * threads, threads }
+    }
+}
+
+/// A readable stream. `Send + Sync`: FUSE and NBD threads may read concurrently.
+#[derive(Debug)]
+pub struct StreamReader {
+    store: Arc<ChunkStore>,
+    map: StreamMap,
+    ahead: ReadAhead,
+    last_end: AtomicU64,
+    prefetch: Option<Sender<ChunkId>>,
+}
+
+impl StreamReader {
+    pub fn new(store: Arc<ChunkStore>, map: StreamMap, ahead: ReadAhead) -> Self {
+        let prefetch = (ahead.chunks > 0).then(|| spawn_prefetchers(&store, ahead.threads));
+        Self { store, map, ahead, last_end: AtomicU64::new(u64::MAX), prefetch }
+    }
+
+    pub fn map(&self) -> &StreamMap {
+        &self.map
+    }
+
+    /// Queue background fetches of the chunks of extents `from..` (up to `n` chunks).
+    fn queue(&self, from: usize, n: usize) {
+        let Some(tx) = &self.prefetch else { return };
+        let ids = self.map.extents[from.min(self.map.extents.len())..]
+            .iter()
+            .filter_map(|e| match e.kind {
+                ExtentKind::Chunk(id) => Some(id),
+                ExtentKind::Zero => None,
+            })
+            .take(n);
+        for id in ids {
+            if self.store.cached(&id).is_none() && tx.try_send(id).is_err() {
+                break; // queue full: the fetchers are busy enough
+            }
+        }
+    }
+}
+
+fn spawn_prefetchers(store: &Arc<ChunkStore>, threads: usize) -> Sender<ChunkId> {
+    let (tx, rx): (Sender<ChunkId>, Receiver<ChunkId>) = crossbeam_channel::bounded(64);
+    for i in 0..threads {
+        let (rx, store) = (rx.clone(), Arc::downgrade(store));
+        let _ = std::thread::Builder::new().name(format!("prefetch-{i}")).spawn(move || {
+            while let Ok(id) = rx.recv() {
+                let Some(store) = store.upgrade() else { return };
+                // Errors surface when the reader itself asks for the chunk.
+                let _ = store.get(&id);
+            }
+        });
+    }
+    tx
+}
+
+impl BlockDev for StreamReader {
+    fn len(&self) -> u64 {
+        self.map.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.map.size, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = self.map.find(offset);
+        let end = offset + buf.len() as u64;
+        let last = self.map.find(end - 1);
+        let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
+        // Fetch every chunk of a multi-chunk read in parallel; read ahead when sequential.
+        let ahead = if sequential { self.ahead.chunks } else { 0 };
+        if last > first || ahead > 0 {
+            self.queue(first + 1, last - first + ahead);
+        }
+        for e in &self.map.extents[first..=last] {
+            let (s, t) = (e.offset.max(offset), e.end().min(end));
+            let out = &mut buf[(s - offset) as usize..(t - offset) as usize];
+            match e.kind {
+                ExtentKind::Zero => out.fill(0),
+                ExtentKind::Chunk(id) => {
+                    let data = self.store.get(&id).map_err(io::Error::from)?;
+                    let from = (s - e.offset) as usize;
+                    out.copy_from_slice(&data[from..from + out.len()]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
+        check_range(self.map.size, offset, 1)?;
+        let limit = offset.saturating_add(max_len).min(self.map.size);
+        let mut i = self.map.find(offset);
+        let zero = self.map.extents[i].kind == ExtentKind::Zero;
+        let mut end = self.map.extents[i].end();
+        while end < limit
+            && i + 1 < self.map.extents.len()
+            && (self.map.extents[i + 1].kind == ExtentKind::Zero) == zero
+        {
+            i += 1;
+            end = self.map.extents[i].end();
+        }
+        let kind = if zero { Allocation::Zero } else { Allocation::Data };
+        Ok(Run { kind, len: end.min(limit) - offset })
+    }
+}

@@ -1,0 +1,217 @@
+//! Reading a source device into pieces: zero runs and chunks.
+//!
+//! The device is looked at in `zero_block`-sized blocks aligned on absolute offsets. Blocks
+//! the device reports as holes are zero without being read; read blocks that are all zero
+//! are zero too. Maximal runs of zero blocks become zero pieces; the data runs between them
+//! are cut by the [`Chunker`]. The outcome depends only on the bytes, never on whether a
+//! zero block was a hole, so a sparse copy and a full copy of one image deduplicate.
+
+use std::collections::VecDeque;
+
+use blockdev::{Allocation, BlockDev};
+
+use crate::chunker::{is_zero, Chunker};
+use crate::error::{Error, Result};
+
+/// One piece of a source, in offset order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    Zero { offset: u64, len: u64 },
+    Data { offset: u64, data: Vec<u8> },
+}
+
+/// Iterates the pieces of `dev[start..end]`. `start` and `end` must be multiples of the
+/// zero block, except that `end` may be the device end.
+pub struct Splitter<'a> {
+    dev: &'a dyn BlockDev,
+    chunker: &'a Chunker,
+    zero_block: u64,
+    window: u64,
+    pos: u64,
+    end: u64,
+    /// Uncut bytes of the current data run, starting at `run_start`.
+    run: Vec<u8>,
+    run_start: u64,
+    out: VecDeque<Piece>,
+    buf: Vec<u8>,
+    /// Bytes read from the device (holes are not read).
+    pub read_bytes: u64,
+    name: String,
+}
+
+impl std::fmt::Debug for Splitter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Splitter({} at {})", self.name, self.pos)
+    }
+}
+
+impl<'a> Splitter<'a> {
+    pub fn new(dev: &'a dyn BlockDev, chunker: &'a Chunker, zero_block: u32, start: u64, end: u64, name: &str) -> Self {
+        let zero_block = u64::from(zero_block);
+        Self {
+            dev,
+            chunker,
+            zero_block,
+            window: (8 << 20).max(zero_block),
+            pos: start,
+            end,
+            run: Vec::new(),
+            run_start: start,
+            out: VecDeque::new(),
+            buf: Vec::new(),
+            read_bytes: 0,
+            name: name.to_string(),
+        }
+    }
+
+    /// Offset up to which pieces have been produced or queued.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    fn push_zero(&mut self, offset: u64, len: u64) {
+        if let Some(Piece::Zero { offset: o, len: l }) = self.out.back_mut() {
+            if *o + *l == offset {
+                *l += len;
+                return;
+            }
+        }
+        self.out.push_back(Piece::Zero { offset, len });
+    }
+
+    /// Cut chunks off the current run; all of it when the run has ended.
+    fn cut(&mut self, run_ends: bool) {
+        let mut done = 0;
+        while let Some(n) = self.chunker.next_cut(self.run_start, &self.run[done..], run_ends) {
+            let data = self.run[done..done + n].to_vec();
+            self.out.push_back(Piece::Data { offset: self.run_start, data });
+            self.run_start += n as u64;
+            done += n;
+        }
+        self.run.drain(..done);
+    }
+
+    /// Read and classify the next window of blocks.
+    fn fill(&mut self) -> Result<()> {
+        let io = |e| Error::io(format!("reading {} at {}", self.name, self.pos), e);
+        let alloc = self.dev.allocation(self.pos, self.end - self.pos).map_err(io)?;
+        let mut len = alloc.len.min(self.window);
+        // Keep windows on block boundaries so zero detection sees whole aligned blocks.
+        let aligned_end = (self.pos + len) / self.zero_block * self.zero_block;
+        if aligned_end > self.pos {
+            len = aligned_end - self.pos;
+        } else {
+            len = (self.zero_block - self.pos % self.zero_block).min(self.end - self.pos);
+        }
+        let hole = alloc.kind == Allocation::Zero && alloc.len >= len;
+        if hole {
+            self.end_run();
+            self.push_zero(self.pos, len);
+            self.pos += len;
+            return Ok(());
+        }
+        self.buf.resize(len as usize, 0);
+        let mut buf = std::mem::take(&mut self.buf);
+        self.dev
+            .read_at(self.pos, &mut buf)
+            .map_err(|e| Error::io(format!("reading {} at {}", self.name, self.pos), e))?;
+        self.read_bytes += len;
+        let mut at = 0usize;
+        while at < buf.len() {
+            let block_end = ((self.pos + self.zero_block) / self.zero_block * self.zero_block)
+                .min(self.pos + (buf.len() - at) as u64);
+            let n = (block_end - self.pos) as usize;
+            let block = &buf[at..at + n];
+            if is_zero(block) {
+                self.end_run();
+                self.push_zero(self.pos, n as u64);
+            } else {
+                if self.run.is_empty() {
+                    self.run_start = self.pos;
+                }
+                self.run.extend_from_slice(block);
+            }
+            self.pos += n as u64;
+            at += n;
+        }
+        self.buf = buf;
+        self.cut(false);
+        Ok(())
+    }
+
+    fn end_run(&mut self) {
+        if !self.run.is_empty() {
+            self.cut(true);
+        }
+    }
+
+    /// The next piece, or `None` at the end of the range.
+    pub fn next_piece(&mut self) -> Result<Option<Piece>> {
+        loop {
+            if let Some(p) = self.out.pop_front() {
+                // A zero piece may still grow; hand it out only when something follows it.
+                if matches!(p, Piece::Zero { .. }) && self.out.is_empty() && self.pos < self.end {
+                    self.out.push_front(p);
+                } else {
+                    return Ok(Some(p));
+                }
+            }
+            if self.pos >= self.end {
+                if self.run.is_empty() {
+                    return Ok(self.out.pop_front());
+                }
+                self.cut(true);
+                continue;
+            }
+            self.fill()?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::ChunkerParams;
+    use blockdev::MemDev;
+
+    fn pieces(dev: &dyn BlockDev, ch: &Chunker) -> Vec<Piece> {
+        let mut s = Splitter::new(dev, ch, 65536, 0, dev.len(), "t");
+        let mut v = Vec::new();
+        while let Some(p) = s.next_piece().unwrap() {
+            v.push(p);
+        }
+        v
+    }
+
+    #[test]
+    fn zero_runs_and_chunks_cover_the_device() {
+        let mut data = vec![0u8; 3 << 20];
+        data[100_000..300_000].fill(5);
+        data[(2 << 20) + 7] = 1;
+        let dev = MemDev::new(data.clone());
+        let ch = Chunker::new(ChunkerParams::parse("fixed:256K").unwrap(), 0).unwrap();
+        let ps = pieces(&dev, &ch);
+        let mut pos = 0;
+        let mut rebuilt = Vec::new();
+        for p in &ps {
+            match p {
+                Piece::Zero { offset, len } => {
+                    assert_eq!(*offset, pos);
+                    assert_eq!(offset % 65536, 0);
+                    rebuilt.resize(rebuilt.len() + *len as usize, 0);
+                    pos += len;
+                }
+                Piece::Data { offset, data } => {
+                    assert_eq!(*offset, pos);
+                    assert!(!is_zero(data));
+                    rebuilt.extend_from_slice(data);
+                    pos += data.len() as u64;
+                }
+            }
+        }
+        assert_eq!(rebuilt, data);
+        // zero [0,64K) data [64K,320K) zero [320K,2M) data [2M,2M+64K) zero rest
+        assert!(matches!(ps[0], Piece::Zero { offset: 0, len: 65536 }));
+        assert_eq!(ps.iter().filter(|p| matches!(p, Piece::Zero { .. })).count(), 3);
+    }
+}

@@ -1,0 +1,124 @@
+//! Reading chunks: index lookup, pack read, decrypt, decompress, verify, and a shared
+//! byte-bounded LRU cache of decrypted chunks. Safe to call from many threads; concurrent
+//! requests for the same chunk wait for one fetch instead of repeating it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+
+use lru::LruCache;
+
+use crate::error::{Error, Result};
+use crate::id::ChunkId;
+use crate::index::{IndexSet, Location};
+use crate::pack::{open_chunk, pack_path};
+use crate::repo::Repository;
+
+type Slot = Arc<(Mutex<Option<Result<Arc<Vec<u8>>, String>>>, Condvar)>;
+
+/// Chunk reader with a shared cache. See the module docs.
+#[derive(Debug)]
+pub struct ChunkStore {
+    repo: Arc<Repository>,
+    index: Arc<IndexSet>,
+    cache: Mutex<Cache>,
+    inflight: Mutex<HashMap<ChunkId, Slot>>,
+}
+
+#[derive(Debug)]
+struct Cache {
+    lru: LruCache<ChunkId, Arc<Vec<u8>>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl ChunkStore {
+    /// `cache_bytes` bounds the decrypted chunks kept in memory.
+    pub fn new(repo: Arc<Repository>, index: Arc<IndexSet>, cache_bytes: usize) -> Self {
+        Self {
+            repo,
+            index,
+            cache: Mutex::new(Cache { lru: LruCache::unbounded(), bytes: 0, budget: cache_bytes }),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    pub fn index(&self) -> &Arc<IndexSet> {
+        &self.index
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Result<Location> {
+        self.index
+            .lookup(&**self.repo.backend(), self.repo.sealer(), id)?
+            .ok_or_else(|| Error::Missing { object: format!("chunk {}", id.short()), referenced_by: None })
+    }
+
+    /// Read a chunk from its pack, bypassing the cache.
+    pub fn fetch_uncached(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.locate(id)?;
+        let path = pack_path(&loc.pack);
+        let blob = self.repo.backend().read_range(&path, u64::from(loc.offset), loc.stored_len as usize)?;
+        open_chunk(self.repo.sealer(), self.repo.key(), id, &blob, loc.raw_len, &path)
+    }
+
+    pub fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).lru.get(id).cloned()
+    }
+
+    fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if data.len() > c.budget {
+            return;
+        }
+        c.bytes += data.len();
+        if let Some(old) = c.lru.put(id, data) {
+            c.bytes -= old.len();
+        }
+        while c.bytes > c.budget {
+            match c.lru.pop_lru() {
+                Some((_, old)) => c.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// A chunk's bytes, from the cache or its pack.
+    pub fn get(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some(d) = self.cached(id) {
+            return Ok(d);
+        }
+        let (slot, leader) = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            match inflight.get(id) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s: Slot = Arc::new((Mutex::new(None), Condvar::new()));
+                    inflight.insert(*id, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if leader {
+            let result = self.fetch_uncached(id).map(Arc::new);
+            if let Ok(d) = &result {
+                self.insert(*id, d.clone());
+            }
+            let shared = result.as_ref().map(Arc::clone).map_err(|e| e.to_string());
+            *slot.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
+            slot.1.notify_all();
+            self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+            return result;
+        }
+        let mut guard = slot.0.lock().unwrap_or_else(|e| e.into_inner());
+        while guard.is_none() {
+            guard = slot.1.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+        match guard.as_ref().expect("filled") {
+            Ok(d) => Ok(d.clone()),
+            Err(msg) => Err(Error::corrupt(format!("chunk {}", id.short()), msg.clone())),
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! One function per command: options in, archive calls, output out.
+
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use archive::backup::{BackupOptions, ParentChoice, Progress, Source};
+use archive::check::{CheckOptions, Severity};
+use archive::chunker::ChunkerParams;
+use archive::keyfile::KdfParams;
+use archive::manifest::{SnapshotEntry, StreamKind};
+use archive::reader::{ReadAhead, StreamReader};
+use archive::restore::RestoreOptions;
+use archive::store::ChunkStore;
+use archive::{InitOptions, Repository};
+use blockdev::{BlockDev, FileDev};
+use clap::{Args, Subcommand};
+
+use crate::progress::Bar;
+use crate::{human, password, Cli, Command};
+
+/// Standard output went away (`vmvault cat | head`): not an error.
+#[derive(Debug)]
+pub struct BrokenPipe;
+
+impl std::fmt::Display for BrokenPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("broken pipe")
+    }
+}
+
+impl std::error::Error for BrokenPipe {}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Chunker: fixed:SIZE or fastcdc:MIN:AVG:MAX (sizes like 64K, 1M).
+    #[arg(long, default_value = "fixed:1M")]
+    chunker: String,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = 3)]
+    zstd_level: i32,
+    /// Argon2id memory cost in KiB (lower only for tests).
+    #[arg(long, default_value_t = 65536, hide = true)]
+    kdf_memory_kib: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The VM's name; snapshots are grouped by it.
+    #[arg(long)]
+    vm: String,
+    /// Disks as NAME=PATH (an image file or block device), e.g. xvda=disk0.raw.
+    #[arg(required = true, value_name = "NAME=PATH")]
+    disks: Vec<String>,
+    /// A memory image to store as the `memory` stream.
+    #[arg(long)]
+    memory: Option<PathBuf>,
+    /// A JSON file with hypervisor metadata (the VM record) to keep with the snapshot.
+    #[arg(long)]
+    meta: Option<PathBuf>,
+    /// Tags for the snapshot.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Parent snapshot id (prefix) or `none`; default: the VM's latest snapshot.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Changed ranges of a disk since the parent, as NAME=FILE; FILE has `OFFSET LENGTH`
+    /// lines (bytes). Only those ranges are read; the rest comes from the parent.
+    #[arg(long = "changed", value_name = "NAME=FILE")]
+    changed: Vec<String>,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only this VM's snapshots.
+    #[arg(long)]
+    vm: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// What to restore: VM@latest:STREAM, VM@ID:STREAM or ID:STREAM.
+    what: String,
+    /// File or block device to write.
+    #[arg(long)]
+    target: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    overwrite: bool,
+    /// Fetch/write threads (default: two per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// What to print: VM@latest:STREAM, VM@ID:STREAM or ID:STREAM.
+    what: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read, decrypt and re-hash every chunk.
+    #[arg(long)]
+    read_data: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List key files.
+    List,
+    /// Add a passphrase (from --new-password-file, VMVAULT_NEW_PASSWORD, or a prompt).
+    Add(NewPassArgs),
+    /// Remove a key file by id prefix.
+    Remove { id: String },
+    /// Change the passphrase of the key in use.
+    Passwd(NewPassArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NewPassArgs {
+    #[arg(long)]
+    new_password_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 65536, hide = true)]
+    kdf_memory_kib: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    /// Remove every lock, not only stale ones.
+    #[arg(long)]
+    remove_all: bool,
+}
+
+/// A hint for the user after an error, where one helps.
+pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    match e.downcast_ref::<archive::Error>()? {
+        archive::Error::WrongPassword(_) => Some("check VMVAULT_PASSWORD or --password-file"),
+        archive::Error::Corrupt { .. } | archive::Error::Missing { .. } => {
+            Some("run `vmvault check --read-data` to see everything that is damaged")
+        }
+        _ => None,
+    }
+}
+
+struct Ctx {
+    repo_path: Option<PathBuf>,
+    password_file: Option<PathBuf>,
+    json: bool,
+    quiet: bool,
+}
+
+impl Ctx {
+    fn repo_path(&self) -> Result<&Path> {
+        self.repo_path.as_deref().ok_or_else(|| anyhow!("no repository: pass --repo PATH or set VMVAULT_REPO"))
+    }
+
+    fn open(&self) -> Result<Repository> {
+        let path = self.repo_path()?;
+        let pass = password::existing(self.password_file.as_deref())?;
+        Ok(Repository::open(path, &pass)?)
+    }
+
+    fn print_json(&self, v: &impl serde::Serialize) -> Result<()> {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, v)?;
+        writeln!(out)?;
+        Ok(())
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx { repo_path: cli.repo, password_file: cli.password_file, json: cli.json, quiet: cli.quiet };
+    match cli.command {
+        Command::Init(a) => init(&ctx, a),
+        Command::Backup(a) => backup(&ctx, a),
+        Command::Snapshots(a) => snapshots(&ctx, a),
+        Command::Restore(a) => restore(&ctx, a),
+        Command::Cat(a) => cat(&ctx, a),
+        Command::Check(a) => check(&ctx, a),
+        Command::Stats => stats(&ctx),
+        Command::Key(k) => key(&ctx, k),
+        Command::Unlock(a) => unlock(&ctx, a),
+        Command::BenchStages(a) => crate::stages::run(a, ctx.json),
+    }
+}
+
+fn kdf(memory_kib: u32) -> KdfParams {
+    KdfParams { memory_kib, ..KdfParams::default() }
+}
+
+fn init(ctx: &Ctx, a: InitArgs) -> Result<()> {
+    let path = ctx.repo_path()?;
+    let chunker = ChunkerParams::parse(&a.chunker)?;
+    let pass = password::new(ctx.password_file.as_deref(), "VMVAULT_PASSWORD")?;
+    let opts = InitOptions { chunker, zstd_level: a.zstd_level, kdf: kdf(a.kdf_memory_kib) };
+    let repo =
+        Repository::init(path, &pass, &opts).with_context(|| format!("creating a repository in {}", path.display()))?;
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({"path": path, "id": repo.config().id, "chunker": chunker.to_string()}))
+    } else {
+        println!("created repository {} in {} (chunker {chunker})", &repo.config().id[..8], path.display());
+        println!("keep the passphrase safe: without it the data cannot be read");
+        Ok(())
+    }
+}
+
+fn open_source(name: &str, path: &Path) -> Result<Box<dyn BlockDev>> {
+    let dev = FileDev::open(path).with_context(|| format!("opening {name}={}", path.display()))?;
+    Ok(Box::new(dev))
+}
+
+fn parse_ranges(path: &Path) -> Result<Vec<std::ops::Range<u64>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next(), it.next()) {
+            (Some(Ok(off)), Some(Ok(len)), None) => {
+                let end =
+                    off.checked_add(len).ok_or_else(|| anyhow!("{}:{}: range overflows", path.display(), n + 1))?;
+                out.push(off..end);
+            }
+            _ => bail!("{}:{}: expected `OFFSET LENGTH` in bytes", path.display(), n + 1),
+        }
+    }
+    Ok(out)
+}
+
+fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let mut sources = Vec::new();
+    for d in &a.disks {
+        let (name, path) =
+            d.split_once('=').ok_or_else(|| anyhow!("disk {d:?}: expected NAME=PATH, e.g. xvda=disk0.raw"))?;
+        sources.push(Source {
+            name: name.into(),
+            kind: StreamKind::Disk,
+            dev: open_source(name, Path::new(path))?,
+            changed: None,
+        });
+    }
+    for c in &a.changed {
+        let (name, file) = c.split_once('=').ok_or_else(|| anyhow!("--changed {c:?}: expected NAME=FILE"))?;
+        let src = sources
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow!("--changed names {name:?}, which is not a disk of this backup"))?;
+        src.changed = Some(parse_ranges(Path::new(file))?);
+    }
+    if let Some(m) = &a.memory {
+        sources.push(Source {
+            name: "memory".into(),
+            kind: StreamKind::Memory,
+            dev: open_source("memory", m)?,
+            changed: None,
+        });
+    }
+    let meta = match &a.meta {
+        Some(p) => {
+            let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", p.display()))?)
+        }
+        None => None,
+    };
+    let parent = match a.parent.as_deref() {
+        None => ParentChoice::Latest,
+        Some("none") => ParentChoice::None,
+        Some(p) => ParentChoice::Id(repo.resolve_snapshot(p)?.id),
+    };
+    let opts = BackupOptions { vm: a.vm.clone(), tags: a.tags, meta, parent, workers: a.workers };
+    let progress = Arc::new(Progress::default());
+    let start = Instant::now();
+    let entry = {
+        let _bar = Bar::start(progress.clone(), &format!("backup {}", a.vm), ctx.quiet);
+        archive::backup::backup(&repo, sources, &opts, &progress)?
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let s = &entry.snapshot;
+    if ctx.json {
+        return ctx.print_json(&serde_json::json!({"id": entry.id.to_hex(), "snapshot": s, "seconds": secs}));
+    }
+    let logical: u64 = s.streams.iter().map(|x| x.size).sum();
+    println!(
+        "snapshot {} of {} saved: {} streams, {} logical, {} read, {} new ({} stored) in {secs:.1} s ({})",
+        entry.id.short(),
+        s.vm,
+        s.streams.len(),
+        human::bytes(logical),
+        human::bytes(s.summary.read_bytes),
+        human::bytes(s.summary.new_bytes),
+        human::bytes(s.summary.stored_bytes),
+        human::rate(s.summary.read_bytes, secs),
+    );
+    Ok(())
+}
+
+fn snapshot_json(e: &SnapshotEntry) -> serde_json::Value {
+    let mut v = serde_json::to_value(&e.snapshot).unwrap_or_default();
+    v["id"] = serde_json::Value::String(e.id.to_hex());
+    v
+}
+
+fn snapshots(ctx: &Ctx, a: SnapshotsArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let list: Vec<SnapshotEntry> =
+        repo.list_snapshots()?.into_iter().filter(|e| a.vm.as_ref().is_none_or(|vm| &e.snapshot.vm == vm)).collect();
+    if ctx.json {
+        return ctx.print_json(&list.iter().map(snapshot_json).collect::<Vec<_>>());
+    }
+    println!("{:<10} {:<21} {:<16} {:<12} {:>10}  streams", "id", "time", "vm", "host", "size");
+    for e in &list {
+        let s = &e.snapshot;
+        let time = s.timestamp().map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| s.time.clone());
+        let size: u64 = s.streams.iter().map(|x| x.size).sum();
+        let streams: Vec<&str> = s.streams.iter().map(|x| x.name.as_str()).collect();
+        println!(
+            "{:<10} {:<21} {:<16} {:<12} {:>10}  {}",
+            e.id.short(),
+            time,
+            s.vm,
+            s.host,
+            human::bytes(size),
+            streams.join(",")
+        );
+    }
+    println!("{} snapshots", list.len());
+    Ok(())
+}
+
+/// Split `SNAPSHOT:STREAM` at the last colon.
+fn split_what(what: &str) -> Result<(&str, &str)> {
+    what.rsplit_once(':')
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+        .ok_or_else(|| anyhow!("{what:?}: expected SNAPSHOT:STREAM, e.g. web01@latest:xvda"))
+}
+
+fn open_stream(ctx: &Ctx, what: &str, cache: usize) -> Result<(Arc<ChunkStore>, archive::extents::StreamMap)> {
+    let (snap, stream) = split_what(what)?;
+    let repo = Arc::new(ctx.open()?);
+    let entry = repo.resolve_snapshot(snap)?;
+    let sref = entry.snapshot.stream(stream).ok_or_else(|| {
+        let names: Vec<&str> = entry.snapshot.streams.iter().map(|s| s.name.as_str()).collect();
+        anyhow!("snapshot {} has no stream {stream:?} (it has: {})", entry.id.short(), names.join(", "))
+    })?;
+    let map = repo.load_stream_map(&sref.map.parse()?)?;
+    let index = Arc::new(repo.load_index(1024)?);
+    Ok((Arc::new(ChunkStore::new(repo, index, cache)), map))
+}
+
+fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
+    let (store, map) = open_stream(ctx, &a.what, 0)?;
+    let meta = std::fs::metadata(&a.target);
+    let is_block = meta.as_ref().is_ok_and(|m| m.file_type().is_block_device());
+    let target = if is_block {
+        FileDev::open_rw(&a.target)?
+    } else {
+        if meta.is_ok() && !a.overwrite {
+            bail!("{} exists; pass --overwrite to replace it", a.target.display());
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(true)
+            .open(&a.target)
+            .with_context(|| format!("creating {}", a.target.display()))?;
+        f.set_len(map.size)?;
+        FileDev::from_file(f, true)?
+    };
+    let progress = Arc::new(Progress::default());
+    let start = Instant::now();
+    {
+        let _bar = Bar::start(progress.clone(), "restore", ctx.quiet);
+        let opts = RestoreOptions { threads: a.threads, write_zeros: is_block };
+        archive::restore::restore(&store, &map, &target, opts, &progress)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if ctx.json {
+        return ctx.print_json(&serde_json::json!({"target": a.target, "bytes": map.size, "seconds": secs}));
+    }
+    println!(
+        "restored {} to {} in {secs:.1} s ({})",
+        human::bytes(map.size),
+        a.target.display(),
+        human::rate(map.size, secs)
+    );
+    Ok(())
+}
+
+fn cat(ctx: &Ctx, a: CatArgs) -> Result<()> {
+    let (store, map) = open_stream(ctx, &a.what, 256 << 20)?;
+    let reader = StreamReader::new(store, map, ReadAhead::default());
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = 0u64;
+    while pos < reader.len() {
+        let n = (reader.len() - pos).min(buf.len() as u64) as usize;
+        reader.read_at(pos, &mut buf[..n])?;
+        match out.write_all(&buf[..n]) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(BrokenPipe.into()),
+            r => r.context("writing to standard output")?,
+        }
+        pos += n as u64;
+    }
+    out.flush().or_else(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Err(BrokenPipe.into())
+        } else {
+            Err(anyhow!(e))
+        }
+    })
+}
+
+fn check(ctx: &Ctx, a: CheckArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let progress = Arc::new(Progress::default());
+    let report = {
+        let _bar = Bar::start(progress.clone(), "check", ctx.quiet || !a.read_data);
+        archive::check::check(&repo, CheckOptions { read_data: a.read_data }, &progress)?
+    };
+    if ctx.json {
+        ctx.print_json(&report)?;
+    } else {
+        for p in &report.problems {
+            let sev = if p.severity == Severity::Error { "error" } else { "warning" };
+            println!("{sev}: {}: {}", p.object, p.detail);
+            for d in &p.damages {
+                println!("    damages snapshot {d}");
+            }
+        }
+        println!(
+            "checked {} snapshots, {} index files, {} packs, {} chunks{}: {} errors, {} warnings",
+            report.snapshots,
+            report.index_files,
+            report.packs,
+            report.chunks,
+            if a.read_data { format!(", read {}", human::bytes(report.bytes_read)) } else { String::new() },
+            report.errors(),
+            report.problems.len() - report.errors(),
+        );
+    }
+    if report.errors() > 0 {
+        bail!("the repository has {} errors (listed above)", report.errors());
+    }
+    Ok(())
+}
+
+fn stats(ctx: &Ctx) -> Result<()> {
+    let repo = ctx.open()?;
+    let s = archive::stats::stats(&repo)?;
+    if ctx.json {
+        return ctx.print_json(&s);
+    }
+    println!("snapshots          {} of {} VMs", s.snapshots, s.vms);
+    println!(
+        "logical size       {}  ({} in data extents)",
+        human::bytes(s.logical_bytes),
+        human::bytes(s.logical_data_bytes)
+    );
+    println!("unique chunks      {}  ({})", s.unique_chunks, human::bytes(s.unique_bytes));
+    println!("stored             {}  in {} packs", human::bytes(s.stored_bytes), s.packs);
+    println!("dedup ratio        {:.2}x", s.dedup_ratio);
+    println!("compression ratio  {:.2}x", s.compression_ratio);
+    println!("total ratio        {:.2}x  (logical / stored, zero extents included)", s.total_ratio);
+    Ok(())
+}
+
+fn key(ctx: &Ctx, k: KeyCommand) -> Result<()> {
+    let mut repo = ctx.open()?;
+    match k {
+        KeyCommand::List => {
+            let keys = repo.list_keys()?;
+            if ctx.json {
+                let v: Vec<_> = keys
+                    .iter()
+                    .map(|(n, kf)| serde_json::json!({"id": n, "current": n == repo.key_name(), "created": kf.created, "host": kf.host, "user": kf.user}))
+                    .collect();
+                return ctx.print_json(&v);
+            }
+            println!("  {:<32} {:<28} {:<16} user", "id", "created", "host");
+            for (n, kf) in &keys {
+                let mark = if n == repo.key_name() { "*" } else { " " };
+                println!("{mark} {n:<32} {:<28} {:<16} {}", kf.created, kf.host, kf.user);
+            }
+        }
+        KeyCommand::Add(a) => {
+            let pass = password::new(a.new_password_file.as_deref(), "VMVAULT_NEW_PASSWORD")?;
+            let _lock = repo.lock(archive::lock::LockKind::Exclusive, "key add")?;
+            let name = repo.add_key(&pass, kdf(a.kdf_memory_kib))?;
+            println!("added key {name}");
+        }
+        KeyCommand::Remove { id } => {
+            let _lock = repo.lock(archive::lock::LockKind::Exclusive, "key remove")?;
+            let name = repo.remove_key(&id)?;
+            println!("removed key {name}");
+        }
+        KeyCommand::Passwd(a) => {
+            let pass = password::new(a.new_password_file.as_deref(), "VMVAULT_NEW_PASSWORD")?;
+            let lock = repo.lock(archive::lock::LockKind::Exclusive, "key passwd")?;
+            let name = repo.change_passphrase(&pass, kdf(a.kdf_memory_kib))?;
+            drop(lock);
+            println!("passphrase changed; the key is now {name}");
+        }
+    }
+    Ok(())
+}
+
+fn unlock(ctx: &Ctx, a: UnlockArgs) -> Result<()> {
+    let repo = ctx.open()?;
+    let mut removed = 0;
+    for l in archive::lock::list_locks(&**repo.backend(), repo.sealer())? {
+        let why = match &l.info {
+            _ if a.remove_all => Some("--remove-all".to_string()),
+            Ok(info) => info.stale_reason(repo.stale_after),
+            Err(e) => Some(format!("unreadable: {e}")),
+        };
+        if let Some(why) = why {
+            repo.backend().remove(&format!("locks/{}", l.name))?;
+            println!("removed lock {} ({why})", l.name);
+            removed += 1;
+        }
+    }
+    println!("{removed} locks removed");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The `vmvault` command line. All work happens in the `archive` crate; this file parses
+//! arguments, asks for passphrases, shows progress and prints results.
+
+mod commands;
+mod human;
+mod password;
+mod progress;
+mod stages;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmvault",
+    version,
+    about = "Back up VM disks and memory into a deduplicated, compressed, encrypted repository"
+)]
+pub struct Cli {
+    /// Repository folder.
+    #[arg(long, short = 'r', env = "VMVAULT_REPO", global = true)]
+    repo: Option<PathBuf>,
+    /// Read the passphrase from this file (first line). Otherwise VMVAULT_PASSWORD, or a prompt.
+    #[arg(long, global = true, env = "VMVAULT_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Never show progress bars.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a repository.
+    Init(commands::InitArgs),
+    /// Back up disks (and optionally memory) of one VM as a new snapshot.
+    Backup(commands::BackupArgs),
+    /// List snapshots.
+    Snapshots(commands::SnapshotsArgs),
+    /// Restore one stream of a snapshot to a file or block device (sparse).
+    Restore(commands::RestoreArgs),
+    /// Write one stream of a snapshot to standard output.
+    Cat(commands::CatArgs),
+    /// Verify the repository's structure, and with --read-data every byte.
+    Check(commands::CheckArgs),
+    /// Logical versus stored bytes, dedup and compression ratios.
+    Stats,
+    /// Manage the key files (passphrases) of a repository.
+    #[command(subcommand)]
+    Key(commands::KeyCommand),
+    /// Remove stale locks (dead processes, or not refreshed for a long time).
+    Unlock(commands::UnlockArgs),
+    /// Measure each backup pipeline stage alone (chunk, hash, compress, encrypt).
+    BenchStages(stages::StagesArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.downcast_ref::<commands::BrokenPipe>().is_some() {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("vmvault: error: {e:#}");
+            if let Some(hint) = commands::hint(&e) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

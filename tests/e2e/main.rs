@@ -1,0 +1,4 @@
+//! End-to-end tests: the real `vmvault` binary against real files.
+
+mod basic;
+mod util;
