@@ -79,6 +79,11 @@ impl MasterKey {
     pub fn sealer(&self) -> Result<Sealer> {
         Sealer::new(&self.data_key)
     }
+
+    #[cfg(test)]
+    pub(crate) fn data_key(&self) -> &[u8; 32] {
+        &self.data_key
+    }
 }
 
 /// Seals and opens byte strings under one key. Cheap to share between threads.
@@ -97,6 +102,12 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     pub fn new(key: &[u8; 32]) -> Result<Self> {
         Ok(Self { cipher: Aes256Gcm::new(key.into()), prefix: random_array()?, counter: AtomicU32::new(0) })
+    }
+
+    /// A sealer with a chosen nonce prefix. Only for golden vectors and tests: reusing a
+    /// prefix under one key repeats nonces, which breaks AES-GCM.
+    pub fn with_prefix(key: &[u8; 32], prefix: [u8; 8]) -> Self {
+        Self { cipher: Aes256Gcm::new(key.into()), prefix, counter: AtomicU32::new(0) }
     }
 
     fn next_nonce(&self) -> Result<[u8; NONCE_LEN]> {

@@ -58,7 +58,15 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 /// Serialize an index file for `entries` (chunk → pack). Duplicate chunk ids keep the first.
 /// Returns the index id and the file bytes.
 pub fn build_index(sealer: &Sealer, entries: &[(PackId, BlobEntry)]) -> Result<(crate::id::ObjectId, Vec<u8>)> {
-    let index_id = crate::id::ObjectId::random()?;
+    build_index_with_id(sealer, entries, crate::id::ObjectId::random()?)
+}
+
+/// [`build_index`] with a chosen index id (golden vectors).
+pub fn build_index_with_id(
+    sealer: &Sealer,
+    entries: &[(PackId, BlobEntry)],
+    index_id: crate::id::ObjectId,
+) -> Result<(crate::id::ObjectId, Vec<u8>)> {
     let mut packs: Vec<PackId> = entries.iter().map(|(p, _)| *p).collect();
     packs.sort();
     packs.dedup();

@@ -75,9 +75,19 @@ fn derive(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; 32]> {
 impl KeyFile {
     /// Wrap `master` under `passphrase` for the repository `repo_id`.
     pub fn wrap(master: &MasterKey, passphrase: &[u8], repo_id: &[u8; 32], p: KdfParams) -> Result<Self> {
-        let salt: [u8; 16] = random_array()?;
+        Self::wrap_with(master, passphrase, repo_id, p, random_array()?, Sealer::new)
+    }
+
+    pub(crate) fn wrap_with(
+        master: &MasterKey,
+        passphrase: &[u8],
+        repo_id: &[u8; 32],
+        p: KdfParams,
+        salt: [u8; 16],
+        sealer: impl FnOnce(&[u8; 32]) -> Result<Sealer>,
+    ) -> Result<Self> {
         let kek = derive(passphrase, &salt, p)?;
-        let sealed = Sealer::new(&kek)?.seal(&aad(repo_id), &master.to_bytes())?;
+        let sealed = sealer(&kek)?.seal(&aad(repo_id), &master.to_bytes())?;
         Ok(Self {
             version: 1,
             created: jiff::Timestamp::now().to_string(),

@@ -15,6 +15,8 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod extents;
+#[cfg(test)]
+mod golden;
 pub mod id;
 pub mod index;
 pub mod keyfile;
