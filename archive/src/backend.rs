@@ -15,7 +15,13 @@ use crate::error::{Error, IoContext, Result};
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn read(&self, path: &str) -> Result<Vec<u8>>;
     /// `len` bytes at `offset`; short files are an error naming the path.
-    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_range_into(path, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+    /// [`read_range`](Self::read_range) into a reusable buffer (replacing its contents).
+    fn read_range_into(&self, path: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()>;
     fn size(&self, path: &str) -> Result<u64>;
     /// Create or replace `path` atomically and durably.
     fn write(&self, path: &str, data: &[u8]) -> Result<()>;
@@ -90,17 +96,17 @@ impl Backend for LocalBackend {
         fs::read(self.full(path)).map_err(|e| not_found_or_io(path, e))
     }
 
-    fn read_range(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+    fn read_range_into(&self, path: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
         let f = self.handle(path)?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
+        buf.clear();
+        buf.resize(len, 0);
+        f.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Error::corrupt(path, format!("file ends before byte {}", offset + len as u64))
             } else {
                 Error::io(format!("reading {path} at {offset}"), e)
             }
-        })?;
-        Ok(buf)
+        })
     }
 
     fn size(&self, path: &str) -> Result<u64> {

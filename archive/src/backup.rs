@@ -187,28 +187,23 @@ pub fn backup(
     let read_bytes = AtomicU64::new(0);
     let (work_tx, work_rx) = bounded::<Work>(workers * 2);
     let (blob_tx, blob_rx) = bounded::<Blob>(workers * 2);
+    let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(workers * 4);
 
     let (read_result, worker_results, writer_result) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| write_packs(repo, blob_rx, orphans));
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                let (rx, tx) = (work_rx.clone(), blob_tx.clone());
+                let (rx, tx, recycle) = (work_rx.clone(), blob_tx.clone(), recycle_tx.clone());
                 let (known, results, new_bytes) = (&known, &results, &new_bytes);
-                scope.spawn(move || work(repo, known, rx, tx, results, new_bytes))
+                scope.spawn(move || work(repo, known, rx, tx, recycle, results, new_bytes))
             })
             .collect();
         drop(blob_tx);
         drop(work_rx);
-        let read_result = read_sources(
-            &sources,
-            &parent_maps,
-            &chunker,
-            repo.config().zero_block,
-            &work_tx,
-            &results,
-            progress,
-            &read_bytes,
-        );
+        drop(recycle_tx);
+        let reading =
+            Reading { chunker: &chunker, zero_block: repo.config().zero_block, tx: &work_tx, recycled: recycle_rx };
+        let read_result = read_sources(&sources, &parent_maps, &reading, &results, progress, &read_bytes);
         drop(work_tx);
         let worker_results: Vec<Result<()>> = handles
             .into_iter()
@@ -306,13 +301,18 @@ fn expand_to_extents(changed: &[Range<u64>], pm: &StreamMap) -> Vec<Range<u64>> 
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the reading side needs: how to cut, where to send, buffers to reuse.
+struct Reading<'a> {
+    chunker: &'a Chunker,
+    zero_block: u32,
+    tx: &'a Sender<Work>,
+    recycled: Receiver<Vec<u8>>,
+}
+
 fn read_sources(
     sources: &[Source],
     parent_maps: &[Option<StreamMap>],
-    chunker: &Chunker,
-    zero_block: u32,
-    tx: &Sender<Work>,
+    reading: &Reading<'_>,
     results: &[Mutex<Vec<Done>>],
     progress: &Progress,
     read_bytes: &AtomicU64,
@@ -324,7 +324,9 @@ fn read_sources(
             if r.start > covered {
                 results[i].lock().unwrap_or_else(|e| e.into_inner()).push(Done::Parent(covered, r.start - covered));
             }
-            let mut sp = crate::splitter::Splitter::new(&*s.dev, chunker, zero_block, r.start, r.end, &s.name);
+            let mut sp =
+                crate::splitter::Splitter::new(&*s.dev, reading.chunker, reading.zero_block, r.start, r.end, &s.name);
+            sp.recycle_from(reading.recycled.clone());
             while let Some(piece) = sp.next_piece()? {
                 match piece {
                     crate::splitter::Piece::Zero { offset, len } => {
@@ -333,7 +335,7 @@ fn read_sources(
                     }
                     crate::splitter::Piece::Data { offset, data } => {
                         progress.done.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        if tx.send(Work { stream: i, offset, data }).is_err() {
+                        if reading.tx.send(Work { stream: i, offset, data }).is_err() {
                             return Ok(()); // a worker failed; its error is reported
                         }
                     }
@@ -354,6 +356,7 @@ fn work(
     known: &Known<'_>,
     rx: Receiver<Work>,
     tx: Sender<Blob>,
+    recycle: Sender<Vec<u8>>,
     results: &[Mutex<Vec<Done>>],
     new_bytes: &AtomicU64,
 ) -> Result<()> {
@@ -369,6 +372,7 @@ fn work(
             }
         }
         results[w.stream].lock().unwrap_or_else(|e| e.into_inner()).push(Done::Chunk(w.offset, len, id));
+        let _ = recycle.try_send(w.data);
     }
     Ok(())
 }

@@ -144,19 +144,28 @@ impl Sealer {
 
     /// Authenticate and decrypt a sealed string. `what` names the object in the error.
     pub fn open(&self, aad: &[u8], sealed: &[u8], what: &str) -> Result<Vec<u8>> {
+        let mut buf = sealed.to_vec();
+        let plain = self.open_in_place(aad, &mut buf, what)?.len();
+        buf.copy_within(NONCE_LEN..NONCE_LEN + plain, 0);
+        buf.truncate(plain);
+        Ok(buf)
+    }
+
+    /// Authenticate and decrypt in place; returns the plaintext, which lies inside `sealed`.
+    pub fn open_in_place<'a>(&self, aad: &[u8], sealed: &'a mut [u8], what: &str) -> Result<&'a [u8]> {
         if sealed.len() < SEAL_OVERHEAD {
             return Err(Error::corrupt(
                 what,
                 format!("sealed data is {} bytes, shorter than the {SEAL_OVERHEAD}-byte envelope", sealed.len()),
             ));
         }
-        let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut buf = ct.to_vec();
+        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+        let split = rest.len() - TAG_LEN;
+        let (ct, tag) = rest.split_at_mut(split);
         self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut buf, Tag::from_slice(tag))
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, ct, Tag::from_slice(tag))
             .map_err(|_| Error::corrupt(what, "authentication failed (wrong key, or the bytes were altered)"))?;
-        Ok(buf)
+        Ok(&sealed[NONCE_LEN..NONCE_LEN + split])
     }
 }
 

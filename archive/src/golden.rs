@@ -30,7 +30,10 @@ fn vector(name: &str, bytes: &[u8]) {
         return;
     }
     let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (bless with VMVAULT_BLESS=1)", path.display()));
-    assert!(want == bytes, "{name} differs from the golden vector; if the format change is intended, bless and review the diff");
+    assert!(
+        want == bytes,
+        "{name} differs from the golden vector; if the format change is intended, bless and review the diff"
+    );
 }
 
 /// The master key of every vector: bytes 0, 1, 2, ... 63.
@@ -181,7 +184,13 @@ fn golden_stream_map_and_manifest() {
             zero_bytes: 1 << 20,
             chunks: 2,
         }],
-        summary: BackupSummary { read_bytes: map.size, new_chunks: 2, new_bytes: 2404, stored_bytes: 400, duration_ms: 5 },
+        summary: BackupSummary {
+            read_bytes: map.size,
+            new_chunks: 2,
+            new_bytes: 2404,
+            stored_bytes: 400,
+            duration_ms: 5,
+        },
         program: "vmvault 0.1.0".into(),
     };
     let body = snap.to_json();
@@ -198,8 +207,10 @@ fn golden_key_file() {
     let k = key();
     let repo_id = [0x33u8; 32];
     let p = KdfParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
-    let mut kf = KeyFile::wrap_with(&k, b"golden passphrase", &repo_id, p, [0x44; 16], |kek| Ok(Sealer::with_prefix(kek, PREFIX)))
-        .unwrap();
+    let mut kf = KeyFile::wrap_with(&k, b"golden passphrase", &repo_id, p, [0x44; 16], |kek| {
+        Ok(Sealer::with_prefix(kek, PREFIX))
+    })
+    .unwrap();
     kf.created = "2026-11-22T03:00:00Z".into();
     kf.host = "backup-host".into();
     kf.user = "root".into();

@@ -44,10 +44,30 @@ pub fn open_object(sealer: &Sealer, magic: &[u8; 8], file: &[u8], name: &str) ->
     decompress_tagged(&plain, MAX_OBJECT_BODY, name)
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, reused.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Undo `compression[1] || payload`, refusing results over `max` bytes.
 pub fn decompress_tagged(plain: &[u8], max: usize, name: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decompress_tagged_into(plain, max, name, &mut out)?;
+    Ok(out)
+}
+
+/// [`decompress_tagged`] into a reusable buffer (replacing its contents).
+pub fn decompress_tagged_into(plain: &[u8], max: usize, name: &str, out: &mut Vec<u8>) -> Result<()> {
+    out.clear();
     match plain.split_first() {
-        Some((0, body)) => Ok(body.to_vec()),
+        Some((0, body)) => {
+            if body.len() > max {
+                return Err(Error::corrupt(name, format!("{} bytes, over the {max}-byte limit", body.len())));
+            }
+            out.extend_from_slice(body);
+            Ok(())
+        }
         Some((1, body)) => {
             let size = zstd::zstd_safe::get_frame_content_size(body)
                 .ok()
@@ -56,12 +76,19 @@ pub fn decompress_tagged(plain: &[u8], max: usize, name: &str) -> Result<Vec<u8>
             if size > max as u64 {
                 return Err(Error::corrupt(name, format!("declares {size} bytes, over the {max}-byte limit")));
             }
-            let out =
-                zstd::bulk::decompress(body, size as usize).map_err(|e| Error::corrupt(name, format!("zstd: {e}")))?;
+            out.reserve(size as usize);
+            DECOMPRESSOR
+                .with_borrow_mut(|slot| {
+                    if slot.is_none() {
+                        *slot = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    slot.as_mut().expect("just set").decompress_to_buffer(body, &mut *out)
+                })
+                .map_err(|e| Error::corrupt(name, format!("zstd: {e}")))?;
             if out.len() as u64 != size {
                 return Err(Error::corrupt(name, format!("decompressed to {} bytes, frame says {size}", out.len())));
             }
-            Ok(out)
+            Ok(())
         }
         Some((t, _)) => Err(Error::corrupt(name, format!("unknown compression tag {t}"))),
         None => Err(Error::corrupt(name, "empty plaintext")),

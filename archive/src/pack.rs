@@ -10,10 +10,12 @@
 //! the index says, so the index can be rebuilt from packs alone.
 
 use crate::chunker::MAX_CHUNK;
+use std::cell::RefCell;
+
 use crate::crypto::{Sealer, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
-use crate::object::decompress_tagged;
+use crate::object::decompress_tagged_into;
 
 pub const PACK_MAGIC: &[u8; 8] = b"VMVPACK1";
 pub const PACK_END: &[u8; 8] = b"VMVPEND1";
@@ -31,21 +33,39 @@ pub struct BlobEntry {
     pub raw_len: u32,
 }
 
-/// Compress (when it helps) and seal one chunk. Returns the blob bytes.
+thread_local! {
+    /// One zstd compression context per thread and level: creating one per chunk costs more
+    /// (fresh tables, page faults) than compressing a small chunk.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    /// The plaintext buffer of [`seal_chunk`], reused.
+    static PLAIN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Compress (when it saves at least 64 bytes) and seal one chunk. Returns the blob bytes.
 pub fn seal_chunk(sealer: &Sealer, id: &ChunkId, data: &[u8], zstd_level: i32) -> Result<Vec<u8>> {
-    let compressed = zstd::bulk::compress(data, zstd_level).ok().filter(|c| c.len() + 64 < data.len());
-    let mut plain = Vec::with_capacity(1 + compressed.as_ref().map_or(data.len(), Vec::len));
-    match compressed {
-        Some(c) => {
-            plain.push(1);
-            plain.extend_from_slice(&c);
+    PLAIN.with_borrow_mut(|plain| {
+        plain.clear();
+        plain.reserve(zstd::zstd_safe::compress_bound(data.len()) + 1);
+        plain.push(1);
+        let compressed = COMPRESSOR.with_borrow_mut(|slot| {
+            if slot.as_ref().is_none_or(|(l, _)| *l != zstd_level) {
+                *slot = Some((zstd_level, zstd::bulk::Compressor::new(zstd_level).ok()?));
+            }
+            let (_, c) = slot.as_mut()?;
+            let mut cursor = std::io::Cursor::new(&mut *plain);
+            cursor.set_position(1);
+            c.compress_to_buffer(data, &mut cursor).ok()
+        });
+        match compressed {
+            Some(n) if n + 64 < data.len() => {}
+            _ => {
+                plain.clear();
+                plain.push(0);
+                plain.extend_from_slice(data);
+            }
         }
-        None => {
-            plain.push(0);
-            plain.extend_from_slice(data);
-        }
-    }
-    sealer.seal(&id.0, &plain)
+        sealer.seal(&id.0, plain)
+    })
 }
 
 /// Open a blob and verify that its plaintext hashes to `id`. Never returns wrong bytes.
@@ -57,16 +77,31 @@ pub fn open_chunk(
     raw_len: u32,
     where_: &str,
 ) -> Result<Vec<u8>> {
-    let name = format!("chunk {} in {where_}", id.short());
-    let plain = sealer.open(&id.0, blob, &name)?;
-    let data = decompress_tagged(&plain, MAX_CHUNK as usize, &name)?;
-    if data.len() != raw_len as usize {
-        return Err(Error::corrupt(name, format!("expected {raw_len} bytes, found {}", data.len())));
+    let mut out = Vec::new();
+    open_chunk_into(sealer, key, id, &mut blob.to_vec(), raw_len, where_, &mut out)?;
+    Ok(out)
+}
+
+/// [`open_chunk`] decrypting `blob` in place and decompressing into `out` (both reusable).
+pub fn open_chunk_into(
+    sealer: &Sealer,
+    key: &crate::crypto::MasterKey,
+    id: &ChunkId,
+    blob: &mut [u8],
+    raw_len: u32,
+    where_: &str,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let name = || format!("chunk {} in {where_}", id.short());
+    let plain = sealer.open_in_place(&id.0, blob, &name())?;
+    decompress_tagged_into(plain, MAX_CHUNK as usize, &name(), out)?;
+    if out.len() != raw_len as usize {
+        return Err(Error::corrupt(name(), format!("expected {raw_len} bytes, found {}", out.len())));
     }
-    if key.chunk_id(&data) != *id {
-        return Err(Error::corrupt(name, "content does not hash to its id"));
+    if key.chunk_id(out) != *id {
+        return Err(Error::corrupt(name(), "content does not hash to its id"));
     }
-    Ok(data)
+    Ok(())
 }
 
 /// Builds one pack in memory.

@@ -49,6 +49,7 @@ pub fn restore(
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| -> Result<()> {
+                    let (mut blob, mut data) = (Vec::new(), Vec::new());
                     loop {
                         if failed.load(Ordering::Relaxed) {
                             return Ok(());
@@ -58,7 +59,7 @@ pub fn restore(
                             return Ok(());
                         }
                         for e in &map.extents[start..(start + BATCH).min(map.extents.len())] {
-                            let r = restore_extent(store, e, target, opts.write_zeros, &zeros);
+                            let r = restore_extent(store, e, target, opts.write_zeros, &zeros, (&mut blob, &mut data));
                             if r.is_err() {
                                 failed.store(true, Ordering::Relaxed);
                                 return r;
@@ -85,12 +86,13 @@ fn restore_extent(
     target: &dyn BlockDev,
     write_zeros: bool,
     zeros: &[u8],
+    (blob, data): (&mut Vec<u8>, &mut Vec<u8>),
 ) -> Result<()> {
     let io = |err| Error::io(format!("writing the target at {}", e.offset), err);
     match e.kind {
         ExtentKind::Chunk(id) => {
-            let data = store.fetch_uncached(&id)?;
-            target.write_at(e.offset, &data).map_err(io)
+            store.fetch_into(&id, blob, data)?;
+            target.write_at(e.offset, data).map_err(io)
         }
         ExtentKind::Zero if write_zeros => {
             let mut pos = 0u64;

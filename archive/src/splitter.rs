@@ -34,9 +34,15 @@ pub struct Splitter<'a> {
     run_start: u64,
     out: VecDeque<Piece>,
     buf: Vec<u8>,
+    /// The device's allocation run last asked for (SEEK_DATA/SEEK_HOLE cost grows with the
+    /// distance they scan, so each run is asked for once).
+    alloc: Option<(Allocation, u64)>,
     /// Bytes read from the device (holes are not read).
     pub read_bytes: u64,
     name: String,
+    /// Used chunk buffers handed back by consumers, reused to avoid page-faulting fresh
+    /// memory for every chunk.
+    recycled: Option<crossbeam_channel::Receiver<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Splitter<'_> {
@@ -59,9 +65,16 @@ impl<'a> Splitter<'a> {
             run_start: start,
             out: VecDeque::new(),
             buf: Vec::new(),
+            alloc: None,
             read_bytes: 0,
             name: name.to_string(),
+            recycled: None,
         }
+    }
+
+    /// Take chunk buffers from `rx` when it has some.
+    pub fn recycle_from(&mut self, rx: crossbeam_channel::Receiver<Vec<u8>>) {
+        self.recycled = Some(rx);
     }
 
     /// Offset up to which pieces have been produced or queued.
@@ -83,7 +96,9 @@ impl<'a> Splitter<'a> {
     fn cut(&mut self, run_ends: bool) {
         let mut done = 0;
         while let Some(n) = self.chunker.next_cut(self.run_start, &self.run[done..], run_ends) {
-            let data = self.run[done..done + n].to_vec();
+            let mut data = self.recycled.as_ref().and_then(|r| r.try_recv().ok()).unwrap_or_default();
+            data.clear();
+            data.extend_from_slice(&self.run[done..done + n]);
             self.out.push_back(Piece::Data { offset: self.run_start, data });
             self.run_start += n as u64;
             done += n;
@@ -94,8 +109,16 @@ impl<'a> Splitter<'a> {
     /// Read and classify the next window of blocks.
     fn fill(&mut self) -> Result<()> {
         let io = |e| Error::io(format!("reading {} at {}", self.name, self.pos), e);
-        let alloc = self.dev.allocation(self.pos, self.end - self.pos).map_err(io)?;
-        let mut len = alloc.len.min(self.window);
+        let (kind, run_end) = match self.alloc {
+            Some((kind, end)) if end > self.pos => (kind, end),
+            _ => {
+                let run = self.dev.allocation(self.pos, self.end - self.pos).map_err(io)?;
+                self.alloc = Some((run.kind, self.pos + run.len));
+                (run.kind, self.pos + run.len)
+            }
+        };
+        let run_len = run_end - self.pos;
+        let mut len = run_len.min(self.window);
         // Keep windows on block boundaries so zero detection sees whole aligned blocks.
         let aligned_end = (self.pos + len) / self.zero_block * self.zero_block;
         if aligned_end > self.pos {
@@ -103,7 +126,7 @@ impl<'a> Splitter<'a> {
         } else {
             len = (self.zero_block - self.pos % self.zero_block).min(self.end - self.pos);
         }
-        let hole = alloc.kind == Allocation::Zero && alloc.len >= len;
+        let hole = kind == Allocation::Zero && run_len >= len;
         if hole {
             self.end_run();
             self.push_zero(self.pos, len);

@@ -10,7 +10,7 @@ use lru::LruCache;
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::index::{IndexSet, Location};
-use crate::pack::{open_chunk, pack_path};
+use crate::pack::{open_chunk_into, pack_path};
 use crate::repo::Repository;
 
 type Slot = Arc<(Mutex<Option<Result<Arc<Vec<u8>>, String>>>, Condvar)>;
@@ -58,10 +58,17 @@ impl ChunkStore {
 
     /// Read a chunk from its pack, bypassing the cache.
     pub fn fetch_uncached(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.fetch_into(id, &mut Vec::new(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Read a chunk into `out`, using `blob` as scratch space (both reusable).
+    pub fn fetch_into(&self, id: &ChunkId, blob: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
         let loc = self.locate(id)?;
         let path = pack_path(&loc.pack);
-        let blob = self.repo.backend().read_range(&path, u64::from(loc.offset), loc.stored_len as usize)?;
-        open_chunk(self.repo.sealer(), self.repo.key(), id, &blob, loc.raw_len, &path)
+        self.repo.backend().read_range_into(&path, u64::from(loc.offset), loc.stored_len as usize, blob)?;
+        open_chunk_into(self.repo.sealer(), self.repo.key(), id, blob, loc.raw_len, &path, out)
     }
 
     pub fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
