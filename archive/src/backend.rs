@@ -69,7 +69,11 @@ impl LocalBackend {
     fn write_tmp(&self, path: &str, data: &[u8]) -> Result<(PathBuf, PathBuf)> {
         let target = self.full(path);
         let dir = target.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+            // The new directory's entry must be durable before anything inside it counts.
+            sync_dir(dir.parent().unwrap_or(&self.root))?;
+        }
         let tmp_name: [u8; 8] = crate::crypto::random_array()?;
         let tmp = dir.join(format!("{TMP_PREFIX}{}", hex::encode(tmp_name)));
         let mut f = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;

@@ -163,7 +163,7 @@ fn check_packs(
         if !by_pack.contains_key(p) {
             report.warn(
                 pack_path(p),
-                "pack is not in the index (left by an interrupted backup; the next backup adopts it)",
+                "no index entry points into this pack (an interrupted backup leaves such packs; the next backup adopts packs no index lists)",
             );
         }
     }
@@ -205,6 +205,9 @@ fn read_pack(repo: &Repository, pack: &PackId, indexed: &[BlobEntry]) -> Option<
         Ok(b) => b,
         Err(e) => return Some((path, e.to_string(), all_indexed())),
     };
+    if !bytes.starts_with(crate::pack::PACK_MAGIC) {
+        return Some((path, "bad magic at offset 0".into(), all_indexed()));
+    }
     if blake3::hash(&bytes).as_bytes() != &pack.0 {
         return Some((path, "contents do not hash to the pack's name".into(), all_indexed()));
     }

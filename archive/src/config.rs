@@ -95,10 +95,10 @@ impl Config {
         if !(1 << 20..=1 << 30).contains(&self.pack_size) {
             return Err(Error::corrupt("config", format!("pack_size {} outside 1 MiB..1 GiB", self.pack_size)));
         }
-        if hex::decode(&self.id).map(|v| v.len()) != Ok(32) {
+        if hex::decode(&self.id).map(|v| v.len()) != Ok(32) || self.id.bytes().any(|c| c.is_ascii_uppercase()) {
             return Err(Error::corrupt("config", "id is not 64 hex digits"));
         }
-        self.chunker.validate()
+        self.chunker.validate().map_err(|e| Error::corrupt("config", e.to_string()))
     }
 
     pub fn id_bytes(&self) -> [u8; 32] {

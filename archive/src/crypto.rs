@@ -106,15 +106,17 @@ impl Sealer {
 
     /// A sealer with a chosen nonce prefix. Only for golden vectors and tests: reusing a
     /// prefix under one key repeats nonces, which breaks AES-GCM.
-    pub fn with_prefix(key: &[u8; 32], prefix: [u8; 8]) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_prefix(key: &[u8; 32], prefix: [u8; 8]) -> Self {
         Self { cipher: Aes256Gcm::new(key.into()), prefix, counter: AtomicU32::new(0) }
     }
 
     fn next_nonce(&self) -> Result<[u8; NONCE_LEN]> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        if n == u32::MAX {
-            return Err(Error::Usage("nonce counter exhausted; start a new session".into()));
-        }
+        // Never wraps: once exhausted, every further seal fails.
+        let n = self
+            .counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
+            .map_err(|_| Error::Usage("nonce counter exhausted; start a new session".into()))?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..8].copy_from_slice(&self.prefix);
         nonce[8..].copy_from_slice(&n.to_le_bytes());

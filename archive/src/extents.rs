@@ -82,6 +82,9 @@ impl StreamMap {
         if version != 1 {
             return Err(Error::Unsupported(format!("{name}: stream map version {version}")));
         }
+        if b[4..8] != [0, 0, 0, 0] {
+            return Err(bad("reserved header bytes 4..8 are not zero".into()));
+        }
         let size = u64::from_le_bytes(b[8..16].try_into().expect("8"));
         let count = u64::from_le_bytes(b[16..24].try_into().expect("8"));
         if Some(b.len() as u64) != count.checked_mul(EXTENT as u64).and_then(|n| n.checked_add(HEADER as u64)) {
@@ -95,7 +98,7 @@ impl StreamMap {
             let len = u32::from_le_bytes(r[8..12].try_into().expect("4"));
             let id = ChunkId(r[16..48].try_into().expect("32"));
             let kind = match (r[12], &r[13..16]) {
-                (0, [0, 0, 0]) if id.0 == [0u8; 32] => ExtentKind::Zero,
+                (0, [0, 0, 0]) if id.0 == [0u8; 32] && u64::from(len) <= MAX_ZERO_EXTENT => ExtentKind::Zero,
                 (1, [0, 0, 0]) if len <= MAX_CHUNK => ExtentKind::Chunk(id),
                 _ => return Err(bad(format!("extent {i} at byte {at}: bad kind {} or fields", r[12]))),
             };

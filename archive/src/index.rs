@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use lru::LruCache;
 
 use crate::backend::Backend;
+use crate::chunker::MAX_CHUNK;
 use crate::crypto::{Sealer, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
@@ -214,7 +215,13 @@ impl IndexFile {
         let sorted = plain.len() == d.count as usize * ENTRY
             && plain[..32] == d.first.0
             && plain.chunks_exact(ENTRY).zip(plain.chunks_exact(ENTRY).skip(1)).all(|(a, b)| a[..32] < b[..32])
-            && plain.chunks_exact(ENTRY).all(|e| (u32_at(e, 32) as usize) < self.packs.len());
+            && plain.chunks_exact(ENTRY).all(|e| {
+                (u32_at(e, 32) as usize) < self.packs.len()
+                    && u32_at(e, 44) <= MAX_CHUNK
+                    && (u32_at(e, 40) as usize) <= MAX_CHUNK as usize + 1 + SEAL_OVERHEAD
+            })
+            // Entries must fall between this page's first id and the next page's.
+            && self.pages.get(page + 1).is_none_or(|next| plain[plain.len() - ENTRY..plain.len() - ENTRY + 32] < next.first.0[..]);
         if !sorted {
             return Err(Error::corrupt(path, format!("page {page} is not a sorted list of valid entries")));
         }
@@ -267,7 +274,8 @@ impl IndexSet {
         Ok(p)
     }
 
-    /// Find a chunk. Newer index files are searched first.
+    /// Find a chunk. When several index files list it (a pack adopted twice, say), any of
+    /// their entries is valid; the first found is returned.
     pub fn lookup(&self, backend: &dyn Backend, sealer: &Sealer, id: &ChunkId) -> Result<Option<Location>> {
         for (fi, file) in self.files.iter().enumerate().rev() {
             let Some(pi) = file.page_for(id) else { continue };

@@ -55,10 +55,16 @@ fn process_alive(pid: u32) -> bool {
 impl LockInfo {
     /// Why this lock is stale, or `None` when it may still be held.
     pub fn stale_reason(&self, stale_after: Duration) -> Option<String> {
+        if self.version != 1 {
+            // A lock from a newer vmvault: never assume it is gone.
+            return None;
+        }
         if self.host == hostname() && !process_alive(self.pid) {
             return Some(format!("process {} on {} is gone", self.pid, self.host));
         }
-        let refreshed: jiff::Timestamp = self.refreshed.parse().ok()?;
+        let Ok(refreshed) = self.refreshed.parse::<jiff::Timestamp>() else {
+            return Some(format!("refresh time {:?} is unreadable", self.refreshed));
+        };
         let age = jiff::Timestamp::now().duration_since(refreshed);
         let limit = jiff::SignedDuration::try_from(stale_after).ok()?;
         (age > limit).then(|| format!("not refreshed for {}s", age.as_secs()))

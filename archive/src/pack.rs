@@ -160,6 +160,9 @@ impl PackBuilder {
 /// Read a pack's table of contents from its tail bytes (the last `tail.len()` bytes of a
 /// pack of `pack_len` bytes). Returns `Err(need)` style errors as `Corrupt` with detail.
 pub fn parse_toc(sealer: &Sealer, pack_len: u64, tail: &[u8], name: &str) -> Result<Vec<BlobEntry>> {
+    if pack_len > MAX_PACK {
+        return Err(Error::corrupt(name, format!("{pack_len} bytes is over the pack size limit")));
+    }
     if tail.len() < 12 || &tail[tail.len() - 8..] != PACK_END {
         return Err(Error::corrupt(name, format!("no end marker at offset {}", pack_len.saturating_sub(8))));
     }

@@ -64,6 +64,9 @@ impl Repository {
             std::fs::create_dir_all(path.join(d))
                 .map_err(|e| Error::io(format!("creating {}", path.join(d).display()), e))?;
         }
+        std::fs::File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("syncing {}", path.display()), e))?;
         let key = MasterKey::generate()?;
         let kf = KeyFile::wrap(&key, passphrase, &config.id_bytes(), opts.kdf)?;
         let key_name = hex::encode(crate::crypto::random_array::<16>()?);
@@ -86,13 +89,22 @@ impl Repository {
             }
             Err(e) => return Err(e),
         };
+        // A damaged or foreign key file must not lock out the others: try every one, and
+        // only say why they failed when none fits.
+        let mut unreadable = Vec::new();
         for name in backend.list("keys")? {
-            let kf = KeyFile::from_json(&backend.read(&format!("keys/{name}"))?, &name)?;
-            if let Some(key) = kf.unwrap_key(passphrase, &config.id_bytes(), &name)? {
-                return Self::assemble(path, Arc::new(backend), config, key, name);
+            let tried = KeyFile::from_json(&backend.read(&format!("keys/{name}"))?, &name)
+                .and_then(|kf| kf.unwrap_key(passphrase, &config.id_bytes(), &name));
+            match tried {
+                Ok(Some(key)) => return Self::assemble(path, Arc::new(backend), config, key, name),
+                Ok(None) => {}
+                Err(e) => unreadable.push(e),
             }
         }
-        Err(Error::WrongPassword(path.join("keys")))
+        match unreadable.into_iter().next() {
+            Some(e) => Err(e),
+            None => Err(Error::WrongPassword(path.join("keys"))),
+        }
     }
 
     fn assemble(
@@ -193,6 +205,10 @@ impl Repository {
     /// Load an object body and check it hashes to its id.
     pub fn load_object(&self, dir: &str, magic: &[u8; 8], id: &ObjectId) -> Result<Vec<u8>> {
         let path = format!("{dir}/{}", id.to_hex());
+        let size = self.backend.size(&path)?;
+        if size > crate::object::MAX_OBJECT_BODY as u64 + 64 {
+            return Err(Error::corrupt(path, format!("{size} bytes is over the object size limit")));
+        }
         let body = open_object(&self.sealer, magic, &self.backend.read(&path)?, &path)?;
         if self.key.keyed_hash(&body) != id.0 {
             return Err(Error::corrupt(path, "content does not hash to its name"));
@@ -222,9 +238,11 @@ impl Repository {
     pub fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>> {
         let mut out = Vec::new();
         for name in self.backend.list("snapshots")? {
-            let id: SnapshotId = name
-                .parse()
-                .map_err(|_| Error::corrupt(format!("snapshots/{name}"), "file name is not an object id"))?;
+            // Stray files (not a lower-case 64-digit id) are not snapshots; `check` warns.
+            let Ok(id) = name.parse::<SnapshotId>() else { continue };
+            if id.to_hex() != name {
+                continue;
+            }
             out.push(SnapshotEntry { id, snapshot: self.load_snapshot(&id)? });
         }
         out.sort_by(|a, b| (a.snapshot.timestamp(), &a.snapshot.time).cmp(&(b.snapshot.timestamp(), &b.snapshot.time)));

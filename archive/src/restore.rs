@@ -92,6 +92,12 @@ fn restore_extent(
     match e.kind {
         ExtentKind::Chunk(id) => {
             store.fetch_into(&id, blob, data)?;
+            if data.len() != e.len as usize {
+                return Err(Error::corrupt(
+                    format!("chunk {}", id.short()),
+                    format!("holds {} bytes, the stream map says {}", data.len(), e.len),
+                ));
+            }
             target.write_at(e.offset, data).map_err(io)
         }
         ExtentKind::Zero if write_zeros => {

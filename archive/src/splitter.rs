@@ -20,8 +20,9 @@ pub enum Piece {
     Data { offset: u64, data: Vec<u8> },
 }
 
-/// Iterates the pieces of `dev[start..end]`. `start` and `end` must be multiples of the
-/// zero block, except that `end` may be the device end.
+/// Iterates the pieces of `dev[start..end]`. Zero blocks are aligned on absolute offsets;
+/// a range that starts or ends between block boundaries has a partial first or last block,
+/// which is zero-tested on its own (changed-range backups start at parent extent bounds).
 pub struct Splitter<'a> {
     dev: &'a dyn BlockDev,
     chunker: &'a Chunker,
@@ -37,6 +38,8 @@ pub struct Splitter<'a> {
     /// The device's allocation run last asked for (SEEK_DATA/SEEK_HOLE cost grows with the
     /// distance they scan, so each run is asked for once).
     alloc: Option<(Allocation, u64)>,
+    /// Offset up to which the device was told it will be read ([`BlockDev::will_need`]).
+    advised: u64,
     /// Bytes read from the device (holes are not read).
     pub read_bytes: u64,
     name: String,
@@ -66,6 +69,7 @@ impl<'a> Splitter<'a> {
             out: VecDeque::new(),
             buf: Vec::new(),
             alloc: None,
+            advised: start,
             read_bytes: 0,
             name: name.to_string(),
             recycled: None,
@@ -132,6 +136,14 @@ impl<'a> Splitter<'a> {
             self.push_zero(self.pos, len);
             self.pos += len;
             return Ok(());
+        }
+        // Keep 32 MiB of hints ahead of the reader, so cold reads overlap with work.
+        const AHEAD: u64 = 32 << 20;
+        if self.advised < self.pos + AHEAD / 2 {
+            let from = self.advised.max(self.pos);
+            let to = (self.pos + AHEAD).min(self.end);
+            self.dev.will_need(from, to - from);
+            self.advised = to;
         }
         self.buf.resize(len as usize, 0);
         let mut buf = std::mem::take(&mut self.buf);

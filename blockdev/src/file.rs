@@ -90,6 +90,14 @@ impl BlockDev for FileDev {
         }
     }
 
+    fn will_need(&self, offset: u64, len: u64) {
+        let len = std::num::NonZeroU64::new(len.min(self.len.saturating_sub(offset)));
+        if len.is_some() {
+            // Starts asynchronous readahead; errors only mean no hint.
+            let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::WillNeed);
+        }
+    }
+
     fn is_writable(&self) -> bool {
         self.writable
     }

@@ -61,6 +61,13 @@ pub trait BlockDev: Send + Sync {
         Ok(Run { kind: Allocation::Data, len: max_len.min(self.len() - offset) })
     }
 
+    /// A hint that `len` bytes at `offset` will be read soon. Devices that can fetch ahead
+    /// in the background (the page cache, a network client) start doing so. Never needed
+    /// for correctness; the default ignores it.
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// True when [`write_at`](Self::write_at) may succeed.
     fn is_writable(&self) -> bool {
         false
@@ -99,6 +106,9 @@ impl<D: BlockDev + ?Sized> BlockDev for &D {
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
         (**self).allocation(offset, max_len)
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
+    }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
@@ -120,6 +130,9 @@ impl<D: BlockDev + ?Sized> BlockDev for std::sync::Arc<D> {
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
         (**self).allocation(offset, max_len)
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
+    }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
@@ -140,6 +153,9 @@ impl<D: BlockDev + ?Sized> BlockDev for Box<D> {
     }
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
         (**self).allocation(offset, max_len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
     }
     fn is_writable(&self) -> bool {
         (**self).is_writable()

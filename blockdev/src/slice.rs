@@ -40,6 +40,12 @@ impl<D: BlockDev> BlockDev for SliceDev<D> {
         Ok(run)
     }
 
+    fn will_need(&self, offset: u64, len: u64) {
+        if offset < self.len {
+            self.inner.will_need(self.start + offset, len.min(self.len - offset));
+        }
+    }
+
     fn is_writable(&self) -> bool {
         self.inner.is_writable()
     }

@@ -1,4 +1,5 @@
 //! End-to-end tests: the real `vmvault` binary against real files.
 
 mod basic;
+mod crash;
 mod util;
