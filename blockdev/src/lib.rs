@@ -68,6 +68,13 @@ pub trait BlockDev: Send + Sync {
         let _ = (offset, len);
     }
 
+    /// A hint that written bytes in this range will not be read back soon: a device may make
+    /// them durable and drop them from its caches (like `dd oflag=nocache`), so a large
+    /// restore does not flood the page cache. Never needed for correctness.
+    fn release(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// True when [`write_at`](Self::write_at) may succeed.
     fn is_writable(&self) -> bool {
         false
@@ -109,6 +116,9 @@ impl<D: BlockDev + ?Sized> BlockDev for &D {
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
     }
+    fn release(&self, offset: u64, len: u64) {
+        (**self).release(offset, len)
+    }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
@@ -133,6 +143,9 @@ impl<D: BlockDev + ?Sized> BlockDev for std::sync::Arc<D> {
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
     }
+    fn release(&self, offset: u64, len: u64) {
+        (**self).release(offset, len)
+    }
     fn is_writable(&self) -> bool {
         (**self).is_writable()
     }
@@ -156,6 +169,9 @@ impl<D: BlockDev + ?Sized> BlockDev for Box<D> {
     }
     fn will_need(&self, offset: u64, len: u64) {
         (**self).will_need(offset, len)
+    }
+    fn release(&self, offset: u64, len: u64) {
+        (**self).release(offset, len)
     }
     fn is_writable(&self) -> bool {
         (**self).is_writable()

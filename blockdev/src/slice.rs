@@ -46,6 +46,12 @@ impl<D: BlockDev> BlockDev for SliceDev<D> {
         }
     }
 
+    fn release(&self, offset: u64, len: u64) {
+        if offset < self.len {
+            self.inner.release(self.start + offset, len.min(self.len - offset));
+        }
+    }
+
     fn is_writable(&self) -> bool {
         self.inner.is_writable()
     }

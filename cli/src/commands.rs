@@ -93,7 +93,7 @@ pub struct RestoreArgs {
     /// Replace an existing file.
     #[arg(long)]
     overwrite: bool,
-    /// Fetch/write threads (default: two per core).
+    /// Fetching threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
 }
@@ -154,6 +154,7 @@ struct Ctx {
     password_file: Option<PathBuf>,
     json: bool,
     quiet: bool,
+    lock_stale_minutes: u64,
 }
 
 impl Ctx {
@@ -164,7 +165,9 @@ impl Ctx {
     fn open(&self) -> Result<Repository> {
         let path = self.repo_path()?;
         let pass = password::existing(self.password_file.as_deref())?;
-        Ok(Repository::open(path, &pass)?)
+        let mut repo = Repository::open(path, &pass)?;
+        repo.stale_after = std::time::Duration::from_secs(self.lock_stale_minutes.max(1) * 60);
+        Ok(repo)
     }
 
     fn print_json(&self, v: &impl serde::Serialize) -> Result<()> {
@@ -176,7 +179,13 @@ impl Ctx {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    let ctx = Ctx { repo_path: cli.repo, password_file: cli.password_file, json: cli.json, quiet: cli.quiet };
+    let ctx = Ctx {
+        repo_path: cli.repo,
+        password_file: cli.password_file,
+        json: cli.json,
+        quiet: cli.quiet,
+        lock_stale_minutes: cli.lock_stale_minutes,
+    };
     match cli.command {
         Command::Init(a) => init(&ctx, a),
         Command::Backup(a) => backup(&ctx, a),

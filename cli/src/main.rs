@@ -28,6 +28,9 @@ pub struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Minutes after which another process's unrefreshed lock counts as stale.
+    #[arg(long, global = true, env = "VMVAULT_LOCK_STALE_MINUTES", default_value_t = 30)]
+    lock_stale_minutes: u64,
     /// Never show progress bars.
     #[arg(long, short = 'q', global = true)]
     quiet: bool,
