@@ -51,7 +51,15 @@ pub fn restore(
     let (write_tx, write_rx) = bounded::<Write>(threads * 2);
     let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(threads * 3);
     let results = std::thread::scope(|scope| {
-        let writer = scope.spawn(|| write_all(target, write_rx, recycle_tx, progress));
+        // Release hints (a sync, then a cache drop) run on their own thread, so the writer
+        // keeps writing while earlier ranges go to disk.
+        let (release_tx, release_rx) = bounded::<(u64, u64)>(4);
+        scope.spawn(move || {
+            for (offset, len) in release_rx {
+                target.release(offset, len);
+            }
+        });
+        let writer = scope.spawn(|| write_all(target, write_rx, recycle_tx, release_tx, progress));
         let fetchers: Vec<_> = (0..threads)
             .map(|_| {
                 let (tx, recycled) = (write_tx.clone(), recycle_rx.clone());
@@ -128,7 +136,13 @@ fn fetch_checked(
     Ok(())
 }
 
-fn write_all(target: &dyn BlockDev, rx: Receiver<Write>, recycle: Sender<Vec<u8>>, progress: &Progress) -> Result<()> {
+fn write_all(
+    target: &dyn BlockDev,
+    rx: Receiver<Write>,
+    recycle: Sender<Vec<u8>>,
+    release: Sender<(u64, u64)>,
+    progress: &Progress,
+) -> Result<()> {
     let zeros = vec![0u8; 1 << 20];
     // Written bytes since the last release hint, and the range they cover.
     let (mut pending, mut lo, mut hi) = (0u64, u64::MAX, 0u64);
@@ -140,7 +154,8 @@ fn write_all(target: &dyn BlockDev, rx: Receiver<Write>, recycle: Sender<Vec<u8>
                 lo = lo.min(offset);
                 hi = hi.max(offset + data.len() as u64);
                 if pending >= RELEASE_EVERY {
-                    target.release(lo, hi - lo);
+                    // If the releaser is behind, skip the hint rather than wait for it.
+                    let _ = release.try_send((lo, hi - lo));
                     (pending, lo, hi) = (0, u64::MAX, 0);
                 }
                 progress.done.fetch_add(data.len() as u64, Ordering::Relaxed);

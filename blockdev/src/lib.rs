@@ -103,86 +103,39 @@ pub fn check_range(dev_len: u64, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
-impl<D: BlockDev + ?Sized> BlockDev for &D {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
-        (**self).allocation(offset, max_len)
-    }
-    fn will_need(&self, offset: u64, len: u64) {
-        (**self).will_need(offset, len)
-    }
-    fn release(&self, offset: u64, len: u64) {
-        (**self).release(offset, len)
-    }
-    fn is_writable(&self) -> bool {
-        (**self).is_writable()
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        (**self).write_at(offset, buf)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
+/// Devices behind references and smart pointers are devices.
+macro_rules! forward_blockdev {
+    ($($t:ty),*) => {$(
+        impl<D: BlockDev + ?Sized> BlockDev for $t {
+            fn len(&self) -> u64 {
+                (**self).len()
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+                (**self).read_at(offset, buf)
+            }
+            fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
+                (**self).allocation(offset, max_len)
+            }
+            fn will_need(&self, offset: u64, len: u64) {
+                (**self).will_need(offset, len)
+            }
+            fn release(&self, offset: u64, len: u64) {
+                (**self).release(offset, len)
+            }
+            fn is_writable(&self) -> bool {
+                (**self).is_writable()
+            }
+            fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+                (**self).write_at(offset, buf)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+        }
+    )*};
 }
 
-impl<D: BlockDev + ?Sized> BlockDev for std::sync::Arc<D> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
-        (**self).allocation(offset, max_len)
-    }
-    fn will_need(&self, offset: u64, len: u64) {
-        (**self).will_need(offset, len)
-    }
-    fn release(&self, offset: u64, len: u64) {
-        (**self).release(offset, len)
-    }
-    fn is_writable(&self) -> bool {
-        (**self).is_writable()
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        (**self).write_at(offset, buf)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-}
-
-impl<D: BlockDev + ?Sized> BlockDev for Box<D> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
-        (**self).allocation(offset, max_len)
-    }
-    fn will_need(&self, offset: u64, len: u64) {
-        (**self).will_need(offset, len)
-    }
-    fn release(&self, offset: u64, len: u64) {
-        (**self).release(offset, len)
-    }
-    fn is_writable(&self) -> bool {
-        (**self).is_writable()
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        (**self).write_at(offset, buf)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-}
+forward_blockdev!(&D, Box<D>, std::sync::Arc<D>);
 
 /// Read the whole device into memory. A convenience for
 /// tests and small tools; bulk paths use the device's own parallel readers.
