@@ -16,7 +16,7 @@ use crate::store::ChunkStore;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RestoreOptions {
-    /// Threads fetching and decrypting; 0 means one per core.
+    /// Threads fetching and decrypting; 0 means one per core, plus one.
     pub threads: usize,
     /// Write zero extents (for targets that are not freshly created sparse files).
     pub write_zeros: bool,
@@ -44,8 +44,9 @@ pub fn restore(
         return Err(Error::Usage(format!("target holds {} bytes, the stream needs {}", target.len(), map.size)));
     }
     progress.total.store(map.size, Ordering::Relaxed);
+    // One more fetcher than cores, so reading packs overlaps with decrypting.
     let threads =
-        if opts.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { opts.threads };
+        if opts.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) + 1 } else { opts.threads };
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let (write_tx, write_rx) = bounded::<Write>(threads * 2);

@@ -93,7 +93,7 @@ pub struct RestoreArgs {
     /// Replace an existing file.
     #[arg(long)]
     overwrite: bool,
-    /// Fetching threads (default: one per core).
+    /// Fetching threads (default: one per core, plus one).
     #[arg(long, default_value_t = 0)]
     threads: usize,
 }
