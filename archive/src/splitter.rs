@@ -40,6 +40,8 @@ pub struct Splitter<'a> {
     alloc: Option<(Allocation, u64)>,
     /// Offset up to which the device was told it will be read ([`BlockDev::will_need`]).
     advised: u64,
+    /// Offset up to which the device was told the bytes are done with ([`BlockDev::release`]).
+    released: u64,
     /// Bytes read from the device (holes are not read).
     pub read_bytes: u64,
     name: String,
@@ -70,6 +72,7 @@ impl<'a> Splitter<'a> {
             buf: Vec::new(),
             alloc: None,
             advised: start,
+            released: start,
             read_bytes: 0,
             name: name.to_string(),
             recycled: None,
@@ -137,13 +140,19 @@ impl<'a> Splitter<'a> {
             self.pos += len;
             return Ok(());
         }
-        // Keep 32 MiB of hints ahead of the reader, so cold reads overlap with work.
-        const AHEAD: u64 = 32 << 20;
+        // Keep up to 64 MiB of hints ahead of the reader, so cold reads overlap with work,
+        // and tell the device what was read is done with, so a backup does not flush
+        // everything else out of the page cache.
+        const AHEAD: u64 = 64 << 20;
         if self.advised < self.pos + AHEAD / 2 {
             let from = self.advised.max(self.pos);
             let to = (self.pos + AHEAD).min(self.end);
             self.dev.will_need(from, to - from);
             self.advised = to;
+        }
+        if self.pos - self.released >= AHEAD / 2 {
+            self.dev.release(self.released, self.pos - self.released);
+            self.released = self.pos;
         }
         self.buf.resize(len as usize, 0);
         let mut buf = std::mem::take(&mut self.buf);

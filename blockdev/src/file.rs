@@ -100,10 +100,11 @@ impl BlockDev for FileDev {
 
     fn release(&self, offset: u64, len: u64) {
         let len = std::num::NonZeroU64::new(len.min(self.len.saturating_sub(offset)));
-        if self.writable && len.is_some() && rustix::fs::fdatasync(&self.file).is_ok() {
-            // Clean pages can now be dropped; errors only mean they stay cached.
-            let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::DontNeed);
+        if len.is_none() || (self.writable && rustix::fs::fdatasync(&self.file).is_err()) {
+            return;
         }
+        // Clean pages can now be dropped; errors only mean they stay cached.
+        let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::DontNeed);
     }
 
     fn is_writable(&self) -> bool {

@@ -68,9 +68,10 @@ pub trait BlockDev: Send + Sync {
         let _ = (offset, len);
     }
 
-    /// A hint that written bytes in this range will not be read back soon: a device may make
-    /// them durable and drop them from its caches (like `dd oflag=nocache`), so a large
-    /// restore does not flood the page cache. Never needed for correctness.
+    /// A hint that the bytes in this range will not be needed again soon: a device may make
+    /// written bytes durable and drop the range from its caches (like `dd iflag=nocache` /
+    /// `oflag=nocache`), so a backup or restore of a large disk does not flush everything
+    /// else out of the page cache. Never needed for correctness.
     fn release(&self, offset: u64, len: u64) {
         let _ = (offset, len);
     }
