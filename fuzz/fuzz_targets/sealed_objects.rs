@@ -1,7 +1,7 @@
 //! Sealed containers under a fixed key: object files, pack tables of contents, chunk blobs,
 //! and compressed payloads. Either they authenticate and parse, or a clean error.
 #![no_main]
-use archive::crypto::{MasterKey, Sealer};
+use archive::crypto::MasterKey;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -53,4 +53,9 @@ fn killed_backups_leave_a_valid_repository() {
     env.ok(&["restore", "crash@latest:xvda", "--target", "final.raw"]);
     assert!(same_file(&disk, &env.path("final.raw")));
     env.ok(&["check", "--read-data"]);
+    // Killed processes leave their lock files; unlock removes them (they are stale: the
+    // processes are gone), and nothing else.
+    let out = env.ok(&["unlock"]);
+    assert!(out.contains("locks removed"), "{out}");
+    assert_eq!(std::fs::read_dir(env.repo().join("locks")).unwrap().count(), 0);
 }
