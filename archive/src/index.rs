@@ -6,18 +6,21 @@
 //! page_i    := seal(aad = "VMVINDX1" || index_id || i:u32, entry*)        (sorted by chunk id)
 //! entry     := chunk_id[32] pack_no:u32 offset:u32 stored_len:u32 raw_len:u32   (48 bytes)
 //! directory := seal(aad = "VMVINDX1" || index_id || 0xffffffff,
-//!                   pack_count:u32 page_count:u32 entry_count:u64
+//!                   pack_count:u32 page_count:u32 entry_count:u64 filter_bits:u64
 //!                   pack_id[32] * pack_count
-//!                   (first_id[32] offset:u64 sealed_len:u32 count:u32) * page_count)
+//!                   (first_id[32] offset:u64 sealed_len:u32 count:u32) * page_count
+//!                   filter (filter_bits / 8 bytes, see `bloom.rs`))
 //! ```
-//! Only the directory (48 bytes per page of up to 1024 entries, plus 32 per pack) stays in
-//! memory; pages are read on demand through a bounded LRU of decrypted pages.
+//! Only the directory (48 bytes per page of up to 1024 entries, 32 per pack, and a Bloom
+//! filter of 10 bits per entry) stays in memory; pages are read on demand through a bounded
+//! LRU of decrypted pages, and only from files whose filter admits the chunk.
 
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
 use crate::backend::Backend;
+use crate::bloom::Bloom;
 use crate::chunker::MAX_CHUNK;
 use crate::crypto::{Sealer, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
@@ -31,6 +34,8 @@ const PAGE_DESC: usize = 48;
 /// Entries per page.
 pub const PAGE_ENTRIES: usize = 1024;
 const DIR_PAGE_NO: u32 = u32::MAX;
+/// pack_count, page_count, entry_count, filter_bits.
+const DIR_HEADER: usize = 24;
 
 /// Where a chunk lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +87,9 @@ pub fn build_index_with_id(
     dir.extend_from_slice(&(packs.len() as u32).to_le_bytes());
     dir.extend_from_slice(&(page_count as u32).to_le_bytes());
     dir.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    let mut filter = Bloom::for_entries(sorted.len() as u64);
+    sorted.iter().for_each(|(_, e)| filter.insert(&e.id));
+    dir.extend_from_slice(&filter.bits().to_le_bytes());
     for p in &packs {
         dir.extend_from_slice(&p.0);
     }
@@ -103,6 +111,7 @@ pub fn build_index_with_id(
         dir.extend_from_slice(&((out.len() - before) as u32).to_le_bytes());
         dir.extend_from_slice(&(page.len() as u32).to_le_bytes());
     }
+    dir.extend_from_slice(&filter.to_bytes());
     let before = out.len();
     sealer.seal_into(&page_aad(&index_id.0, DIR_PAGE_NO), &dir, &mut out)?;
     let dir_len = (out.len() - before) as u32;
@@ -127,6 +136,7 @@ pub struct IndexFile {
     pub packs: Vec<PackId>,
     pages: Vec<PageDesc>,
     pub entry_count: u64,
+    filter: Bloom,
 }
 
 impl IndexFile {
@@ -160,24 +170,33 @@ impl IndexFile {
 
     fn parse_dir(path: &str, name: &str, id: [u8; 32], dir: &[u8], pages_end: u64) -> Result<Self> {
         let bad = |d: String| Error::corrupt(path, d);
-        if dir.len() < 16 {
+        if dir.len() < DIR_HEADER {
             return Err(bad("directory too short".into()));
         }
         let pack_count = u32_at(dir, 0) as usize;
         let page_count = u32_at(dir, 4) as usize;
         let entry_count = u64_at(dir, 8);
-        let want = pack_count.checked_mul(32).and_then(|p| page_count.checked_mul(PAGE_DESC).map(|q| 16 + p + q));
-        if want != Some(dir.len()) {
+        let filter_bits = u64_at(dir, 16);
+        if filter_bits != Bloom::bits_for(entry_count) {
+            return Err(bad(format!("filter of {filter_bits} bits does not fit {entry_count} entries")));
+        }
+        let packs_end = pack_count.checked_mul(32).map(|p| DIR_HEADER + p);
+        let pages_end_at = packs_end.and_then(|p| page_count.checked_mul(PAGE_DESC).map(|q| p + q));
+        let want = pages_end_at.and_then(|p| usize::try_from(filter_bits / 8).ok().map(|f| p + f));
+        let (Some(packs_end), Some(descs_end), Some(total_len)) = (packs_end, pages_end_at, want) else {
+            return Err(bad("directory counts overflow".into()));
+        };
+        if total_len != dir.len() {
             return Err(bad(format!(
-                "directory of {} bytes does not fit {pack_count} packs and {page_count} pages",
+                "directory of {} bytes does not fit {pack_count} packs, {page_count} pages and the filter",
                 dir.len()
             )));
         }
         let packs =
-            dir[16..16 + pack_count * 32].chunks_exact(32).map(|c| PackId(c.try_into().expect("32 bytes"))).collect();
+            dir[DIR_HEADER..packs_end].chunks_exact(32).map(|c| PackId(c.try_into().expect("32 bytes"))).collect();
         let mut pages: Vec<PageDesc> = Vec::with_capacity(page_count);
         let mut total = 0u64;
-        for d in dir[16 + pack_count * 32..].chunks_exact(PAGE_DESC) {
+        for d in dir[packs_end..descs_end].chunks_exact(PAGE_DESC) {
             let p = PageDesc {
                 first: ChunkId(d[..32].try_into().expect("32 bytes")),
                 offset: u64_at(d, 32),
@@ -199,7 +218,13 @@ impl IndexFile {
         if total != entry_count {
             return Err(bad(format!("pages hold {total} entries, directory says {entry_count}")));
         }
-        Ok(Self { name: name.to_string(), id, packs, pages, entry_count })
+        let filter = Bloom::from_bytes(&dir[descs_end..]).ok_or_else(|| bad("filter is not whole words".into()))?;
+        Ok(Self { name: name.to_string(), id, packs, pages, entry_count, filter })
+    }
+
+    /// False when this file certainly does not list `id`.
+    pub fn may_contain(&self, id: &ChunkId) -> bool {
+        self.filter.may_contain(id)
     }
 
     pub fn page_count(&self) -> usize {
@@ -278,6 +303,9 @@ impl IndexSet {
     /// their entries is valid; the first found is returned.
     pub fn lookup(&self, backend: &dyn Backend, sealer: &Sealer, id: &ChunkId) -> Result<Option<Location>> {
         for (fi, file) in self.files.iter().enumerate().rev() {
+            if !file.may_contain(id) {
+                continue;
+            }
             let Some(pi) = file.page_for(id) else { continue };
             let page = self.page(backend, sealer, fi, pi)?;
             let n = page.len() / ENTRY;

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod backup;
+pub mod bloom;
 pub mod check;
 pub mod chunker;
 pub mod config;
