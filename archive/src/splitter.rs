@@ -40,8 +40,6 @@ pub struct Splitter<'a> {
     alloc: Option<(Allocation, u64)>,
     /// Offset up to which the device was told it will be read ([`BlockDev::will_need`]).
     advised: u64,
-    /// Offset up to which the device was told the bytes are done with ([`BlockDev::release`]).
-    released: u64,
     /// Bytes read from the device (holes are not read).
     pub read_bytes: u64,
     name: String,
@@ -72,7 +70,6 @@ impl<'a> Splitter<'a> {
             buf: Vec::new(),
             alloc: None,
             advised: start,
-            released: start,
             read_bytes: 0,
             name: name.to_string(),
             recycled: None,
@@ -140,19 +137,15 @@ impl<'a> Splitter<'a> {
             self.pos += len;
             return Ok(());
         }
-        // Keep up to 64 MiB of hints ahead of the reader, so cold reads overlap with work,
-        // and tell the device what was read is done with, so a backup does not flush
-        // everything else out of the page cache.
-        const AHEAD: u64 = 64 << 20;
+        // Keep up to 32 MiB of hints ahead of the reader, so cold reads overlap with work.
+        // (Dropping what was read from the cache, as restore does for writes, measured
+        // slower here: 1.1 s -> 1.4 s per next backup.)
+        const AHEAD: u64 = 32 << 20;
         if self.advised < self.pos + AHEAD / 2 {
             let from = self.advised.max(self.pos);
             let to = (self.pos + AHEAD).min(self.end);
             self.dev.will_need(from, to - from);
             self.advised = to;
-        }
-        if self.pos - self.released >= AHEAD / 2 {
-            self.dev.release(self.released, self.pos - self.released);
-            self.released = self.pos;
         }
         self.buf.resize(len as usize, 0);
         let mut buf = std::mem::take(&mut self.buf);
