@@ -24,7 +24,8 @@ use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::index::{build_index, IndexSet};
 use crate::lock::LockKind;
 use crate::manifest::{BackupSummary, Snapshot, SnapshotEntry, StreamKind, StreamRef};
-use crate::pack::{pack_path, parse_toc, seal_chunk, BlobEntry, PackBuilder};
+use crate::pack::{pack_path, seal_chunk, BlobEntry, PackBuilder};
+use crate::progress::Progress;
 use crate::repo::Repository;
 
 /// One stream to back up.
@@ -63,13 +64,6 @@ pub struct BackupOptions {
     pub workers: usize,
 }
 
-/// Bytes processed so far, for progress displays.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub done: AtomicU64,
-    pub total: AtomicU64,
-}
-
 struct Work {
     stream: usize,
     offset: u64,
@@ -100,7 +94,6 @@ impl Done {
 /// What the writer thread did.
 #[derive(Default)]
 struct WriterStats {
-    packs: u64,
     stored_bytes: u64,
 }
 
@@ -176,9 +169,9 @@ pub fn backup(
     }
     let known = Known { repo, index: &index, parent: parent_ids, session: Mutex::new(HashSet::new()) };
     let chunker = Chunker::new(repo.config().chunker, repo.key().gear_seed())?;
-    progress
-        .total
-        .store(sources.iter().zip(&parent_maps).map(|(s, pm)| read_plan(s, pm.as_ref()).1).sum(), Ordering::Relaxed);
+    let plans: Vec<Vec<Range<u64>>> =
+        sources.iter().zip(&parent_maps).map(|(s, pm)| read_plan(s, pm.as_ref())).collect();
+    progress.total.store(plans.iter().flatten().map(|r| r.end - r.start).sum(), Ordering::Relaxed);
 
     let workers =
         if opts.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { opts.workers };
@@ -203,7 +196,7 @@ pub fn backup(
         drop(recycle_tx);
         let reading =
             Reading { chunker: &chunker, zero_block: repo.config().zero_block, tx: &work_tx, recycled: recycle_rx };
-        let read_result = read_sources(&sources, &parent_maps, &reading, &results, progress, &read_bytes);
+        let read_result = read_sources(&sources, &plans, &reading, &results, progress, &read_bytes);
         drop(work_tx);
         let worker_results: Vec<Result<()>> = handles
             .into_iter()
@@ -273,15 +266,13 @@ pub fn backup(
     Ok(SnapshotEntry { id, snapshot })
 }
 
-/// The ranges of a source to read, and their total length.
-fn read_plan(s: &Source, parent: Option<&StreamMap>) -> (Vec<Range<u64>>, u64) {
-    let len = s.dev.len();
-    let ranges = match (&s.changed, parent) {
+/// The ranges of a source to read: all of it, or its changed ranges widened to the parent's
+/// extents.
+fn read_plan(s: &Source, parent: Option<&StreamMap>) -> Vec<Range<u64>> {
+    match (&s.changed, parent) {
         (Some(changed), Some(pm)) => expand_to_extents(changed, pm),
-        _ => vec![0..len],
-    };
-    let total = ranges.iter().map(|r| r.end - r.start).sum();
-    (ranges, total)
+        _ => vec![0..s.dev.len()],
+    }
 }
 
 /// Widen changed ranges to the parent's extent boundaries, merged and sorted.
@@ -311,16 +302,15 @@ struct Reading<'a> {
 
 fn read_sources(
     sources: &[Source],
-    parent_maps: &[Option<StreamMap>],
+    plans: &[Vec<Range<u64>>],
     reading: &Reading<'_>,
     results: &[Mutex<Vec<Done>>],
     progress: &Progress,
     read_bytes: &AtomicU64,
 ) -> Result<()> {
-    for (i, s) in sources.iter().enumerate() {
-        let (ranges, _) = read_plan(s, parent_maps[i].as_ref());
+    for (i, (s, ranges)) in sources.iter().zip(plans).enumerate() {
         let mut covered = 0u64;
-        for r in ranges {
+        for r in ranges.iter().cloned() {
             if r.start > covered {
                 results[i].lock().unwrap_or_else(|e| e.into_inner()).push(Done::Parent(covered, r.start - covered));
             }
@@ -389,7 +379,6 @@ fn write_packs(repo: &Repository, rx: Receiver<Blob>, adopted: Vec<(PackId, Blob
     let flush = |pack: PackBuilder, pending: &mut Vec<(PackId, BlobEntry)>, stats: &mut WriterStats| -> Result<()> {
         let (id, bytes, entries) = pack.finish(repo.sealer())?;
         repo.backend().write(&pack_path(&id), &bytes)?;
-        stats.packs += 1;
         stats.stored_bytes += bytes.len() as u64;
         pending.extend(entries.into_iter().map(|e| (id, e)));
         Ok(())
@@ -427,45 +416,15 @@ fn write_index(repo: &Repository, pending: &mut Vec<(PackId, BlobEntry)>) -> Res
 pub fn adopt_orphan_packs(repo: &Repository, index: &IndexSet) -> Result<Vec<(PackId, BlobEntry)>> {
     let indexed: HashSet<PackId> = index.files.iter().flat_map(|f| f.packs.iter().copied()).collect();
     let mut out = Vec::new();
-    for pack in list_packs(repo)? {
+    for pack in repo.list_packs()? {
         if indexed.contains(&pack) {
             continue;
         }
-        if let Ok(entries) = read_toc(repo, &pack) {
+        if let Ok(entries) = repo.read_pack_toc(&pack) {
             out.extend(entries.into_iter().map(|e| (pack, e)));
         }
     }
     Ok(out)
-}
-
-/// Every pack file in the repository, by name.
-pub fn list_packs(repo: &Repository) -> Result<Vec<PackId>> {
-    let mut out = Vec::new();
-    for dir in repo.backend().list("data")? {
-        for name in repo.backend().list(&format!("data/{dir}"))? {
-            match name.parse::<PackId>() {
-                Ok(id) if id.to_hex()[..2] == dir => out.push(id),
-                _ => {} // foreign files are reported by check
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// A pack's table of contents.
-pub fn read_toc(repo: &Repository, pack: &PackId) -> Result<Vec<BlobEntry>> {
-    let path = pack_path(pack);
-    let size = repo.backend().size(&path)?;
-    if size < 8 + 12 {
-        return Err(Error::corrupt(&path, format!("{size} bytes is too short for a pack")));
-    }
-    let tail = repo.backend().read_range(&path, size - 12, 12)?;
-    let toc_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
-    if toc_len + 20 > size {
-        return Err(Error::corrupt(&path, format!("table of contents length {toc_len} exceeds the pack")));
-    }
-    let tail = repo.backend().read_range(&path, size - 12 - toc_len, (toc_len + 12) as usize)?;
-    parse_toc(repo.sealer(), size, &tail, &path)
 }
 
 fn build_map(done: Vec<Done>, parent: Option<&StreamMap>) -> StreamMap {

@@ -12,13 +12,13 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::backup::{list_packs, Progress};
 use crate::error::{Error, Result};
 use crate::extents::ExtentKind;
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::index::IndexFile;
 use crate::lock::LockKind;
 use crate::pack::{open_chunk, pack_path, parse_toc, BlobEntry};
+use crate::progress::Progress;
 use crate::repo::Repository;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -107,8 +107,7 @@ fn check_index(repo: &Repository, report: &mut CheckReport) -> Result<ChunkTable
         for p in 0..file.page_count() {
             match file.read_page(&**repo.backend(), repo.sealer(), p) {
                 Ok(page) => {
-                    for i in 0..page.len() / 48 {
-                        let (id, loc) = file.entry(&page, i);
+                    for (id, loc) in file.entries(&page) {
                         let e = BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len };
                         table.entry(id).or_insert((loc.pack, e));
                     }
@@ -130,7 +129,7 @@ fn check_packs(
     report: &mut CheckReport,
     bad: &mut HashMap<ChunkId, usize>,
 ) -> Result<()> {
-    let present: Vec<PackId> = list_packs(repo)?;
+    let present: Vec<PackId> = repo.list_packs()?;
     report.packs = present.len();
     let mut sizes: HashMap<PackId, u64> = HashMap::new();
     for p in &present {
@@ -240,13 +239,6 @@ fn read_pack(repo: &Repository, pack: &PackId, indexed: &[BlobEntry]) -> Option<
         detail.push_str(&format!(" (and {} more problems in this pack)", n - 1));
     }
     Some((path, detail, damaged))
-}
-
-impl std::hash::Hash for BlobEntry {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-        self.offset.hash(state);
-    }
 }
 
 fn check_snapshots(

@@ -253,6 +253,11 @@ impl IndexFile {
         Ok(plain)
     }
 
+    /// Every entry of a page's bytes (as returned by [`read_page`](Self::read_page)).
+    pub fn entries<'a>(&'a self, page: &'a [u8]) -> impl Iterator<Item = (ChunkId, Location)> + 'a {
+        (0..page.len() / ENTRY).map(move |i| self.entry(page, i))
+    }
+
     /// Decode entry `i` of a page's bytes.
     pub fn entry(&self, page: &[u8], i: usize) -> (ChunkId, Location) {
         let e = &page[i * ENTRY..(i + 1) * ENTRY];

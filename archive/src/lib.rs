@@ -25,6 +25,7 @@ pub mod lock;
 pub mod manifest;
 pub mod object;
 pub mod pack;
+pub mod progress;
 pub mod reader;
 pub mod repo;
 pub mod restore;

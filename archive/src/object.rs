@@ -14,19 +14,38 @@ pub const LOCK_MAGIC: &[u8; 8] = b"VMVLOCK1";
 /// chunks stays below it).
 pub const MAX_OBJECT_BODY: usize = 1 << 32;
 
-pub fn seal_object(sealer: &Sealer, magic: &[u8; 8], body: &[u8], zstd_level: i32) -> Result<Vec<u8>> {
-    let mut plain = Vec::with_capacity(body.len() / 2 + 1);
-    let compressed = zstd::bulk::compress(body, zstd_level).ok().filter(|c| c.len() < body.len());
-    match compressed {
-        Some(c) => {
-            plain.push(1);
-            plain.extend_from_slice(&c);
+thread_local! {
+    /// One zstd compression context per thread and level: creating one per chunk costs more
+    /// (fresh tables, page faults) than compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Write `compression[1] || payload` for `data` into `out` (replacing its contents): zstd
+/// when that saves more than `min_saving` bytes, the bytes as they are otherwise.
+pub fn compress_tagged_into(data: &[u8], zstd_level: i32, min_saving: usize, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 1);
+    out.push(1);
+    let compressed = COMPRESSOR.with_borrow_mut(|slot| {
+        if slot.as_ref().is_none_or(|(l, _)| *l != zstd_level) {
+            *slot = Some((zstd_level, zstd::bulk::Compressor::new(zstd_level).ok()?));
         }
-        None => {
-            plain.push(0);
-            plain.extend_from_slice(body);
-        }
+        let (_, c) = slot.as_mut()?;
+        let mut cursor = std::io::Cursor::new(&mut *out);
+        cursor.set_position(1);
+        c.compress_to_buffer(data, &mut cursor).ok()
+    });
+    if !compressed.is_some_and(|n| n + min_saving < data.len()) {
+        out.clear();
+        out.push(0);
+        out.extend_from_slice(data);
     }
+}
+
+pub fn seal_object(sealer: &Sealer, magic: &[u8; 8], body: &[u8], zstd_level: i32) -> Result<Vec<u8>> {
+    let mut plain = Vec::new();
+    compress_tagged_into(body, zstd_level, 0, &mut plain);
     let mut out = magic.to_vec();
     sealer.seal_into(magic, &plain, &mut out)?;
     Ok(out)

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use crate::crypto::{Sealer, SEAL_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
-use crate::object::decompress_tagged_into;
+use crate::object::{compress_tagged_into, decompress_tagged_into};
 
 pub const PACK_MAGIC: &[u8; 8] = b"VMVPACK1";
 pub const PACK_END: &[u8; 8] = b"VMVPEND1";
@@ -25,7 +25,7 @@ const TOC_ENTRY: usize = 48;
 pub const MAX_PACK: u64 = u32::MAX as u64;
 
 /// Where a chunk is stored inside its pack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BlobEntry {
     pub id: ChunkId,
     pub offset: u32,
@@ -34,36 +34,14 @@ pub struct BlobEntry {
 }
 
 thread_local! {
-    /// One zstd compression context per thread and level: creating one per chunk costs more
-    /// (fresh tables, page faults) than compressing a small chunk.
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     /// The plaintext buffer of [`seal_chunk`], reused.
     static PLAIN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Compress (when it saves at least 64 bytes) and seal one chunk. Returns the blob bytes.
+/// Compress (when it saves more than 64 bytes) and seal one chunk. Returns the blob bytes.
 pub fn seal_chunk(sealer: &Sealer, id: &ChunkId, data: &[u8], zstd_level: i32) -> Result<Vec<u8>> {
     PLAIN.with_borrow_mut(|plain| {
-        plain.clear();
-        plain.reserve(zstd::zstd_safe::compress_bound(data.len()) + 1);
-        plain.push(1);
-        let compressed = COMPRESSOR.with_borrow_mut(|slot| {
-            if slot.as_ref().is_none_or(|(l, _)| *l != zstd_level) {
-                *slot = Some((zstd_level, zstd::bulk::Compressor::new(zstd_level).ok()?));
-            }
-            let (_, c) = slot.as_mut()?;
-            let mut cursor = std::io::Cursor::new(&mut *plain);
-            cursor.set_position(1);
-            c.compress_to_buffer(data, &mut cursor).ok()
-        });
-        match compressed {
-            Some(n) if n + 64 < data.len() => {}
-            _ => {
-                plain.clear();
-                plain.push(0);
-                plain.extend_from_slice(data);
-            }
-        }
+        compress_tagged_into(data, zstd_level, 64, plain);
         sealer.seal(&id.0, plain)
     })
 }

@@ -108,13 +108,7 @@ impl BlockDev for StreamReader {
                 ExtentKind::Zero => out.fill(0),
                 ExtentKind::Chunk(id) => {
                     let data = self.store.get(&id).map_err(io::Error::from)?;
-                    if data.len() != e.len as usize {
-                        return Err(crate::Error::corrupt(
-                            format!("chunk {}", id.short()),
-                            format!("holds {} bytes, the stream map says {}", data.len(), e.len),
-                        )
-                        .into());
-                    }
+                    crate::store::check_extent_len(&id, data.len(), e.len)?;
                     let from = (s - e.offset) as usize;
                     out.copy_from_slice(&data[from..from + out.len()]);
                 }

@@ -10,12 +10,13 @@ use crate::config::Config;
 use crate::crypto::{MasterKey, Sealer};
 use crate::error::{Error, Result};
 use crate::extents::StreamMap;
-use crate::id::{ObjectId, SnapshotId};
+use crate::id::{ObjectId, PackId, SnapshotId};
 use crate::index::{IndexFile, IndexSet};
 use crate::keyfile::{KdfParams, KeyFile};
 use crate::lock::{LockGuard, LockKind, DEFAULT_STALE_AFTER};
 use crate::manifest::{Snapshot, SnapshotEntry};
 use crate::object::{open_object, seal_object, SNAPSHOT_MAGIC, STREAM_MAGIC};
+use crate::pack::{pack_path, parse_toc, BlobEntry};
 
 /// Folders of a repository.
 pub const DIRS: [&str; 6] = ["keys", "data", "index", "snapshots", "streams", "locks"];
@@ -279,6 +280,39 @@ impl Repository {
             0 => Err(Error::Usage(format!("no snapshot matches {spec:?}; see `vmvault snapshots`"))),
             n => Err(Error::Usage(format!("{spec:?} matches {n} snapshots; give more digits"))),
         }
+    }
+
+    // ---- packs ----
+
+    /// Every pack file in the repository, by name. Files that are not named like a pack in
+    /// its right folder are ignored.
+    pub fn list_packs(&self) -> Result<Vec<PackId>> {
+        let mut out = Vec::new();
+        for dir in self.backend.list("data")? {
+            for name in self.backend.list(&format!("data/{dir}"))? {
+                match name.parse::<PackId>() {
+                    Ok(id) if id.to_hex() == name && name[..2] == dir => out.push(id),
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A pack's table of contents, read from its tail.
+    pub fn read_pack_toc(&self, pack: &PackId) -> Result<Vec<BlobEntry>> {
+        let path = pack_path(pack);
+        let size = self.backend.size(&path)?;
+        if size < 8 + 12 {
+            return Err(Error::corrupt(&path, format!("{size} bytes is too short for a pack")));
+        }
+        let tail = self.backend.read_range(&path, size - 12, 12)?;
+        let toc_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+        if toc_len + 20 > size {
+            return Err(Error::corrupt(&path, format!("table of contents length {toc_len} exceeds the pack")));
+        }
+        let tail = self.backend.read_range(&path, size - 12 - toc_len, (toc_len + 12) as usize)?;
+        parse_toc(&self.sealer, size, &tail, &path)
     }
 
     // ---- index ----

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use blockdev::BlockDev;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::backup::Progress;
 use crate::error::{Error, Result};
 use crate::extents::{Extent, ExtentKind, StreamMap};
+use crate::progress::Progress;
 use crate::store::ChunkStore;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -128,13 +128,7 @@ fn fetch_checked(
     data: &mut Vec<u8>,
 ) -> Result<()> {
     store.fetch_into(&id, blob, data)?;
-    if data.len() != e.len as usize {
-        return Err(Error::corrupt(
-            format!("chunk {}", id.short()),
-            format!("holds {} bytes, the stream map says {}", data.len(), e.len),
-        ));
-    }
-    Ok(())
+    crate::store::check_extent_len(&id, data.len(), e.len)
 }
 
 fn write_all(

@@ -81,11 +81,6 @@ impl<'a> Splitter<'a> {
         self.recycled = Some(rx);
     }
 
-    /// Offset up to which pieces have been produced or queued.
-    pub fn position(&self) -> u64 {
-        self.pos
-    }
-
     fn push_zero(&mut self, offset: u64, len: u64) {
         if let Some(Piece::Zero { offset: o, len: l }) = self.out.back_mut() {
             if *o + *l == offset {

@@ -2,7 +2,6 @@
 
 use serde::Serialize;
 
-use crate::backup::list_packs;
 use crate::error::Result;
 use crate::pack::pack_path;
 use crate::repo::Repository;
@@ -48,8 +47,7 @@ pub fn stats(repo: &Repository) -> Result<RepoStats> {
     for f in &index.files {
         for p in 0..f.page_count() {
             let page = f.read_page(&**repo.backend(), repo.sealer(), p)?;
-            for i in 0..page.len() / 48 {
-                let (id, loc) = f.entry(&page, i);
+            for (id, loc) in f.entries(&page) {
                 if seen.insert(id) {
                     s.unique_chunks += 1;
                     s.unique_bytes += u64::from(loc.raw_len);
@@ -57,7 +55,7 @@ pub fn stats(repo: &Repository) -> Result<RepoStats> {
             }
         }
     }
-    for p in list_packs(repo)? {
+    for p in repo.list_packs()? {
         s.packs += 1;
         s.stored_bytes += repo.backend().size(&pack_path(&p))?;
     }

@@ -15,6 +15,15 @@ use crate::repo::Repository;
 
 type Slot = Arc<(Mutex<Option<Result<Arc<Vec<u8>>, String>>>, Condvar)>;
 
+/// The bytes of a chunk must fill its extent exactly; a mismatch is damage, never a short
+/// or long read.
+pub fn check_extent_len(id: &ChunkId, got: usize, extent_len: u32) -> Result<()> {
+    if got == extent_len as usize {
+        return Ok(());
+    }
+    Err(Error::corrupt(format!("chunk {}", id.short()), format!("holds {got} bytes, the stream map says {extent_len}")))
+}
+
 /// Chunk reader with a shared cache. See the module docs.
 #[derive(Debug)]
 pub struct ChunkStore {

@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use archive::backup::{backup, BackupOptions, Progress, Source};
+use archive::backup::{backup, BackupOptions, Source};
 use archive::chunker::ChunkerParams;
 use archive::keyfile::KdfParams;
 use archive::manifest::{SnapshotEntry, StreamKind};
+use archive::progress::Progress;
 use archive::reader::{ReadAhead, StreamReader};
 use archive::store::ChunkStore;
 use archive::{InitOptions, Repository};

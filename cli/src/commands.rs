@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use archive::backup::{BackupOptions, ParentChoice, Progress, Source};
+use archive::backup::{BackupOptions, ParentChoice, Source};
 use archive::check::{CheckOptions, Severity};
 use archive::chunker::ChunkerParams;
 use archive::keyfile::KdfParams;
 use archive::manifest::{SnapshotEntry, StreamKind};
+use archive::progress::Progress;
 use archive::reader::{ReadAhead, StreamReader};
 use archive::restore::RestoreOptions;
 use archive::store::ChunkStore;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use archive::backup::Progress;
+use archive::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Shows `progress` on stderr until dropped, when stderr is a terminal and not `quiet`.
