@@ -16,43 +16,16 @@
 # Needs python3 to read the stats JSON. Page cache is dropped before every backup.
 set -euo pipefail
 
-usage() {
-    sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
-    exit 2
-}
-log() { echo "chunkers.sh: $*" >&2; }
-die() {
-    log "$*"
-    exit 1
-}
-
-[[ $# -ge 1 && $# -le 2 ]] || usage
-work=$(cd -- "$1" && pwd)
-here=$(cd -- "$(dirname -- "$0")" && pwd)
-for d in 0 1 2 3 4; do
-    [[ -f $work/day$d.img ]] || die "$work/day$d.img missing: run bench/corpus.sh $work first"
-done
-vmvault=${2:-${VMVAULT_BIN:-}}
-if [[ -z $vmvault ]]; then
-    if [[ -x $here/../target/release/vmvault ]]; then
-        vmvault=$(cd -- "$here/../target/release" && pwd)/vmvault
-    else
-        vmvault=$(command -v vmvault || true)
-    fi
-fi
+name=chunkers.sh
+# shellcheck source=bench/common.sh
+source "$(dirname -- "$0")/common.sh"
 [[ -x $vmvault ]] || die "no vmvault binary (${vmvault:-none found}); pass VMVAULT_BIN"
 command -v python3 >/dev/null || die "python3 is required"
-export VMVAULT_PASSWORD=${VMVAULT_PASSWORD:-bench-password}
 read -r -a chunkers <<<"${CHUNKERS:-fixed:256K fixed:1M fixed:4M fastcdc:64K:256K:1M fastcdc:256K:1M:4M}"
 
 scratch=$(mktemp -d)
 repo=$work/repos/chunkers
 trap 'rm -rf -- "$scratch" "$repo" "$work/cur"; rmdir -- "$work/repos" 2>/dev/null || true' EXIT
-
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || log "warning: cannot drop caches"
-}
 
 # json_field FILE NAME: a top-level number from the stats JSON (empty when absent)
 json_field() {

@@ -23,35 +23,13 @@
 # skews the numbers: the report shows the load average at start and end.
 set -euo pipefail
 
-usage() {
-    sed -n '2,/^$/s/^# \{0,1\}//p' "$0" >&2
-    exit 2
-}
-log() { echo "run.sh: $*" >&2; }
-die() {
-    log "$*"
-    exit 1
-}
-
-[[ $# -ge 1 && $# -le 2 ]] || usage
-work=$(cd -- "$1" && pwd)
-here=$(cd -- "$(dirname -- "$0")" && pwd)
+name=run.sh
+# shellcheck source=bench/common.sh
+source "$(dirname -- "$0")/common.sh"
 runs=${RUNS:-3}
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
 skip_v=${SKIP_VMVAULT:-0}
 skip_r=${SKIP_RESTIC:-0}
-for d in 0 1 2 3 4; do
-    [[ -f $work/day$d.img ]] || die "$work/day$d.img missing: run bench/corpus.sh $work first"
-done
-
-vmvault=${2:-${VMVAULT_BIN:-}}
-if [[ -z $vmvault ]]; then
-    if [[ -x $here/../target/release/vmvault ]]; then
-        vmvault=$(cd -- "$here/../target/release" && pwd)/vmvault
-    else
-        vmvault=$(command -v vmvault || true)
-    fi
-fi
 if [[ $skip_v != 1 && ! -x $vmvault ]]; then
     die "no vmvault binary (${vmvault:-none found}); pass VMVAULT_BIN or set SKIP_VMVAULT=1"
 fi
@@ -65,7 +43,6 @@ if (( ${#need[@]} > 0 )); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
 
-export VMVAULT_PASSWORD=${VMVAULT_PASSWORD:-bench-password}
 export RESTIC_PASSWORD=${RESTIC_PASSWORD:-bench-password}
 read -r -a vm_init_args <<<"${VMVAULT_INIT_ARGS:-}"
 read -r -a restic_init_args <<<"${RESTIC_INIT_ARGS:-}"
@@ -76,11 +53,6 @@ trap 'rm -rf -- "$scratch" "$work/cur" "$work/restore" "$work/repos"' EXIT
 tsv=$work/results.tsv
 rm -f -- "$work/vmvault-stats.json"
 printf 'tool\tmetric\trun\tvalue\n' >"$tsv"
-
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || log "warning: cannot drop caches"
-}
 
 # measure TOOL METRIC RUN CMD...: run CMD under /usr/bin/time -v with a cold page cache and
 # record its wall time (s) and peak RSS (KiB).
