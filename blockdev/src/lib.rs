@@ -14,12 +14,14 @@
 
 mod file;
 mod mem;
+pub mod overlay;
 mod slice;
 
 use std::io;
 
 pub use file::FileDev;
 pub use mem::MemDev;
+pub use overlay::Overlay;
 pub use slice::SliceDev;
 
 /// What a run of bytes of a device holds, as far as the device knows without reading it.
@@ -87,6 +89,38 @@ pub trait BlockDev: Send + Sync {
         Err(io::Error::new(io::ErrorKind::PermissionDenied, "device is read-only"))
     }
 
+    /// Make `len` bytes at `offset` read as zeros. The default writes zero buffers; devices
+    /// that can record zeros without writing them (holes, an overlay's zero state) override
+    /// it and say so in [`zeroes_are_cheap`](Self::zeroes_are_cheap).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.len(), offset, len)?;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+            self.write_at(pos, &zeros[..n])?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// True when [`write_zeroes`](Self::write_zeroes) is much cheaper than writing zeros
+    /// (NBD's FAST_ZERO asks exactly this).
+    fn zeroes_are_cheap(&self) -> bool {
+        false
+    }
+
+    /// A hint that the range's contents are no longer needed (TRIM / discard). Afterwards the
+    /// range reads as its old bytes or as zeros, per device. The default keeps the bytes.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.len(), offset, len)?;
+        if self.is_writable() {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::PermissionDenied, "device is read-only"))
+        }
+    }
+
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()> {
         Ok(())
@@ -128,6 +162,15 @@ macro_rules! forward_blockdev {
             }
             fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
                 (**self).write_at(offset, buf)
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).write_zeroes(offset, len)
+            }
+            fn zeroes_are_cheap(&self) -> bool {
+                (**self).zeroes_are_cheap()
+            }
+            fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+                (**self).discard(offset, len)
             }
             fn flush(&self) -> io::Result<()> {
                 (**self).flush()
