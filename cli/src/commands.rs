@@ -150,12 +150,12 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     }
 }
 
-struct Ctx {
-    repo_path: Option<PathBuf>,
-    password_file: Option<PathBuf>,
-    json: bool,
-    quiet: bool,
-    lock_stale_minutes: u64,
+pub(crate) struct Ctx {
+    pub(crate) repo_path: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
+    pub(crate) json: bool,
+    pub(crate) quiet: bool,
+    pub(crate) lock_stale_minutes: u64,
 }
 
 impl Ctx {
@@ -163,7 +163,7 @@ impl Ctx {
         self.repo_path.as_deref().ok_or_else(|| anyhow!("no repository: pass --repo PATH or set VMVAULT_REPO"))
     }
 
-    fn open(&self) -> Result<Repository> {
+    pub(crate) fn open(&self) -> Result<Repository> {
         let path = self.repo_path()?;
         let pass = password::existing(self.password_file.as_deref())?;
         let mut repo = Repository::open(path, &pass)?;
@@ -171,7 +171,7 @@ impl Ctx {
         Ok(repo)
     }
 
-    fn print_json(&self, v: &impl serde::Serialize) -> Result<()> {
+    pub(crate) fn print_json(&self, v: &impl serde::Serialize) -> Result<()> {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, v)?;
         writeln!(out)?;
@@ -197,6 +197,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats => stats(&ctx),
         Command::Key(k) => key(&ctx, k),
         Command::Unlock(a) => unlock(&ctx, a),
+        Command::Serve(a) => crate::serve::run(&ctx, a),
         Command::BenchStages(a) => crate::stages::run(a, ctx.json),
     }
 }

@@ -5,6 +5,7 @@ mod commands;
 mod human;
 mod password;
 mod progress;
+mod serve;
 mod stages;
 
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ pub enum Command {
     Key(commands::KeyCommand),
     /// Remove stale locks (dead processes, or not refreshed for a long time).
     Unlock(commands::UnlockArgs),
+    /// Serve snapshots over NBD (read-only, or writable through copy-on-write overlays).
+    Serve(serve::ServeArgs),
     /// Measure each backup pipeline stage alone (chunk, hash, compress, encrypt).
     BenchStages(stages::StagesArgs),
 }

@@ -1,0 +1,287 @@
+//! `vmvault serve`: every disk of every snapshot as an NBD export, read-only or with a
+//! copy-on-write overlay per export.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use archive::id::SnapshotId;
+use archive::manifest::{SnapshotEntry, StreamKind};
+use archive::reader::{ReadAhead, StreamReader};
+use archive::store::ChunkStore;
+use archive::Repository;
+use blockdev::{BlockDev, FileDev, Overlay};
+use clap::Args;
+use nbd_server::{Event, Export, Exports, Listener, StaticExports};
+
+use crate::commands::Ctx;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TCP address to listen on (port 0 picks a free one).
+    #[arg(long, conflicts_with = "socket", default_value = "127.0.0.1:10809")]
+    listen: SocketAddr,
+    /// Listen on this Unix socket instead of TCP.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The default export (also served for the empty name), e.g. web01@latest/xvda.
+    #[arg(long)]
+    export: Option<String>,
+    /// Accept writes, kept in one overlay file per export under --overlay-dir.
+    #[arg(long, requires = "overlay_dir")]
+    writable: bool,
+    /// Folder for overlay files (one subfolder per serve session).
+    #[arg(long)]
+    overlay_dir: Option<PathBuf>,
+    /// Overlay session name; give an earlier one to continue with its overlays.
+    #[arg(long, requires = "writable")]
+    session: Option<String>,
+    /// Copy-on-write block size of new overlays.
+    #[arg(long, default_value_t = 65536)]
+    overlay_block_size: u32,
+    /// Decompressed-chunk cache, in MiB, shared by every export.
+    #[arg(long, default_value_t = 128)]
+    cache_mib: usize,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// Allow listening on a non-loopback address without TLS.
+    #[arg(long)]
+    insecure: bool,
+    /// Serve this raw image file instead of a repository (for tests and benchmarks).
+    #[arg(long, hide = true)]
+    image: Option<PathBuf>,
+}
+
+/// Exports backed by the repository, opened on first use and kept for the server's life.
+struct RepoExports {
+    repo: Arc<Repository>,
+    /// The chunk store and the snapshots its index covers (reloaded for newer snapshots).
+    store: Mutex<(Arc<ChunkStore>, HashSet<SnapshotId>)>,
+    opened: Mutex<HashMap<String, Arc<Export>>>,
+    default: Option<String>,
+    overlays: Option<(PathBuf, u32)>,
+    cache_bytes: usize,
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl RepoExports {
+    fn new(repo: Arc<Repository>, args: &ServeArgs, session_dir: Option<PathBuf>) -> Result<Self> {
+        let cache_bytes = args.cache_mib << 20;
+        let store = Self::load_store(&repo, cache_bytes)?;
+        Ok(Self {
+            repo,
+            store: Mutex::new(store),
+            opened: Mutex::new(HashMap::new()),
+            default: args.export.clone(),
+            overlays: session_dir.map(|d| (d, args.overlay_block_size)),
+            cache_bytes,
+        })
+    }
+
+    fn load_store(repo: &Arc<Repository>, cache: usize) -> Result<(Arc<ChunkStore>, HashSet<SnapshotId>)> {
+        let known = repo.list_snapshots()?.into_iter().map(|e| e.id).collect();
+        let index = Arc::new(repo.load_index(1024)?);
+        Ok((Arc::new(ChunkStore::new(repo.clone(), index, cache)), known))
+    }
+
+    /// The store whose index knows `id`'s chunks: snapshots newer than the server reload it.
+    fn store_for(&self, id: &SnapshotId) -> Result<Arc<ChunkStore>> {
+        let mut guard = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        if !guard.1.contains(id) {
+            *guard = Self::load_store(&self.repo, self.cache_bytes)?;
+        }
+        Ok(guard.0.clone())
+    }
+
+    fn open_export(&self, name: &str) -> Result<Option<Arc<Export>>> {
+        let Some((spec, stream)) = name.rsplit_once('/') else { return Ok(None) };
+        let entry = self.repo.resolve_snapshot(spec)?;
+        let canonical = format!("{}@{}/{stream}", entry.snapshot.vm, entry.id.to_hex());
+        if let Some(e) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(&canonical) {
+            return Ok(Some(e.clone()));
+        }
+        let Some(sref) = entry.snapshot.stream(stream) else { return Ok(None) };
+        let map = self.repo.load_stream_map(&sref.map.parse()?)?;
+        let reader = StreamReader::new(self.store_for(&entry.id)?, map, ReadAhead::default());
+        let mut description = describe(&entry, stream, sref.kind);
+        let (dev, preferred): (Arc<dyn BlockDev>, u32) = match &self.overlays {
+            Some((dir, block_size)) if sref.kind == StreamKind::Disk => {
+                let path = dir.join(format!("{}@{}.{stream}.ovl", entry.snapshot.vm, entry.id.short()));
+                let ov = open_overlay(&path, reader, &format!("{}/{stream}", entry.id.to_hex()), *block_size)?;
+                description.push_str(&format!(", writes kept in {}", path.display()));
+                (Arc::new(ov), *block_size)
+            }
+            _ => (Arc::new(reader), 4096),
+        };
+        let mut export = Export::new(canonical.clone(), description, dev);
+        export.preferred_block = preferred;
+        let export = Arc::new(export);
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Some(opened.entry(canonical).or_insert(export).clone()))
+    }
+}
+
+fn describe(e: &SnapshotEntry, stream: &str, kind: StreamKind) -> String {
+    let what = if kind == StreamKind::Memory { "memory" } else { "disk" };
+    format!("VM {}, {what} {stream}, snapshot {} of {}", e.snapshot.vm, e.id.short(), e.snapshot.time)
+}
+
+/// Continue an existing overlay of this base, or start one.
+fn open_overlay(path: &Path, base: StreamReader, base_id: &str, block_size: u32) -> Result<Overlay<StreamReader>> {
+    if path.exists() {
+        Overlay::open(path, base, Some(base_id), true).with_context(|| format!("opening overlay {}", path.display()))
+    } else {
+        Overlay::create(path, base, block_size, base_id).with_context(|| format!("creating overlay {}", path.display()))
+    }
+}
+
+impl Exports for RepoExports {
+    fn list(&self) -> std::io::Result<Vec<(String, String)>> {
+        let entries = self.repo.list_snapshots().map_err(io_err)?;
+        let mut out = Vec::new();
+        let mut latest: HashMap<&str, &SnapshotEntry> = HashMap::new();
+        for e in &entries {
+            for s in &e.snapshot.streams {
+                out.push((format!("{}@{}/{}", e.snapshot.vm, e.id.short(), s.name), describe(e, &s.name, s.kind)));
+            }
+            let l = latest.entry(&e.snapshot.vm).or_insert(e);
+            if e.snapshot.time > l.snapshot.time {
+                *l = e;
+            }
+        }
+        let mut vms: Vec<_> = latest.into_iter().collect();
+        vms.sort_by(|a, b| a.0.cmp(b.0));
+        for (vm, e) in vms {
+            for s in &e.snapshot.streams {
+                out.push((format!("{vm}@latest/{}", s.name), describe(e, &s.name, s.kind)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn open(&self, name: &str) -> std::io::Result<Option<Arc<Export>>> {
+        let name = if name.is_empty() {
+            match &self.default {
+                Some(d) => d.as_str(),
+                None => return Ok(None),
+            }
+        } else {
+            name
+        };
+        match self.open_export(name) {
+            Ok(e) => Ok(e),
+            Err(e) => match e.downcast_ref::<archive::Error>() {
+                Some(archive::Error::Missing { .. } | archive::Error::Usage(_)) => Ok(None),
+                _ => Err(io_err(format!("{e:#}"))),
+            },
+        }
+    }
+
+    fn shutdown(&self) -> std::io::Result<()> {
+        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.values().try_for_each(|e| e.dev.flush())
+    }
+}
+
+fn is_loopback(a: &SocketAddr) -> bool {
+    a.ip().is_loopback()
+}
+
+pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
+    if args.socket.is_none() && !is_loopback(&args.listen) && !args.insecure {
+        bail!("{} is not a loopback address and TLS is not available yet; pass --insecure to serve it in clear text", args.listen);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()?;
+    let (exports, lock, session): (Arc<dyn Exports>, _, _) = match &args.image {
+        Some(path) => {
+            let dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(path)?);
+            let name = path.file_name().map_or("image".into(), |n| n.to_string_lossy().into_owned());
+            (Arc::new(StaticExports::new(vec![Export::new(name, "raw image", dev)])), None, None)
+        }
+        None => {
+            let repo = Arc::new(ctx.open()?);
+            let lock = repo.lock(archive::lock::LockKind::Shared, "serve")?;
+            let session = match (&args.overlay_dir, args.writable) {
+                (Some(dir), true) => Some(session_dir(dir, args.session.as_deref())?),
+                _ => None,
+            };
+            (Arc::new(RepoExports::new(repo, &args, session.clone())?), Some(lock), session)
+        }
+    };
+    rt.block_on(async {
+        let (listener, url) = match &args.socket {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+                (Listener::Unix(l), format!("nbd+unix:///EXPORT?socket={}", path.display()))
+            }
+            None => {
+                let l = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+                let url = format!("nbd://{}/EXPORT", l.local_addr()?);
+                (Listener::Tcp(l), url)
+            }
+        };
+        if let Some(dir) = &session {
+            println!("overlay session {}", dir.display());
+        }
+        println!("serving {url}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let quiet = ctx.quiet;
+        let events: nbd_server::EventSink = Arc::new(move |e| {
+            if !quiet {
+                log_event(e)
+            }
+        });
+        let config = nbd_server::Config { max_connections: args.max_connections, ..Default::default() };
+        nbd_server::serve(listener, exports, config, Some(events), shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(lock);
+    Ok(())
+}
+
+fn log_event(e: Event) {
+    match e {
+        Event::Connected { peer, export } => eprintln!("{peer}: connected to {export}"),
+        Event::Closed { peer, error: Some(err) } => eprintln!("{peer}: closed: {err}"),
+        Event::Closed { .. } => {}
+        Event::Refused { peer, why } => eprintln!("{peer}: refused: {why}"),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `DIR/SESSION`, created if new; SESSION defaults to the start time.
+fn session_dir(dir: &Path, session: Option<&str>) -> Result<PathBuf> {
+    let name = match session {
+        Some(s) if !s.is_empty() && !s.contains('/') && s != "." && s != ".." => s.to_owned(),
+        Some(s) => bail!("{s:?} is not a usable session name"),
+        None => format!("serve-{}", jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ")),
+    };
+    let path = dir.join(name);
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(path)
+}

@@ -1,0 +1,184 @@
+//! The accept loop, shaped like mini-redis: the caller binds the listener and passes a
+//! shutdown future; a semaphore caps connections; a watch channel announces shutdown, and
+//! every connection finishes the replies it owes before the exports are flushed.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::export::Exports;
+use crate::handshake::handshake;
+use crate::transmission::{self, Budget};
+
+/// Server limits.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Requests in flight on one connection (qemu uses 16, nbdcopy up to 64).
+    pub max_in_flight: usize,
+    /// Bytes of read and write payloads in flight over all connections.
+    pub io_budget: u64,
+    /// A client must finish option haggling within this time.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            max_in_flight: 64,
+            io_budget: 128 << 20,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where clients connect.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Something worth telling an operator.
+#[derive(Debug)]
+pub enum Event {
+    Connected { peer: String, export: String },
+    Closed { peer: String, error: Option<io::Error> },
+    Refused { peer: String, why: &'static str },
+}
+
+pub type EventSink = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// Serve until `shutdown` completes, then drain connections and call
+/// [`Exports::shutdown`].
+pub async fn serve(
+    listener: Listener,
+    exports: Arc<dyn Exports>,
+    config: Config,
+    events: Option<EventSink>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let (tx, rx) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let units = u32::try_from(config.io_budget.div_ceil(4096).max(8192)).unwrap_or(u32::MAX >> 4);
+    let budget = Arc::new(Budget {
+        per_connection: config.max_in_flight.max(1),
+        bytes: Arc::new(Semaphore::new(units as usize)),
+        units,
+    });
+    let emit = Emit(events);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Ok(event) = done {
+                    emit.send(event);
+                }
+                continue;
+            }
+            a = accept(&listener) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                emit.send(Event::Refused { peer: e.to_string(), why: "accept failed" });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            emit.send(Event::Refused { peer, why: "too many connections" });
+            continue;
+        };
+        let c = Conn {
+            exports: exports.clone(),
+            budget: budget.clone(),
+            shutdown: rx.clone(),
+            timeout: config.handshake_timeout,
+            emit: emit.clone(),
+            peer: peer.clone(),
+        };
+        conns.spawn(async move {
+            let error = match stream {
+                Stream::Tcp(s) => c.run(s).await,
+                Stream::Unix(s) => c.run(s).await,
+            }
+            .err();
+            drop(slot);
+            Event::Closed { peer, error }
+        });
+    }
+    let _ = tx.send(true);
+    while let Some(done) = conns.join_next().await {
+        if let Ok(event) = done {
+            emit.send(event);
+        }
+    }
+    tokio::task::spawn_blocking(move || exports.shutdown()).await.map_err(io::Error::other)?
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<(Stream, String)> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            s.set_nodelay(true)?;
+            Ok((Stream::Tcp(s), peer.to_string()))
+        }
+        Listener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            Ok((Stream::Unix(s), "unix socket".to_owned()))
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Emit(Option<EventSink>);
+
+impl Emit {
+    fn send(&self, e: Event) {
+        if let Some(sink) = &self.0 {
+            sink(e)
+        }
+    }
+}
+
+/// What one connection needs.
+struct Conn {
+    exports: Arc<dyn Exports>,
+    budget: Arc<Budget>,
+    shutdown: watch::Receiver<bool>,
+    timeout: Duration,
+    emit: Emit,
+    peer: String,
+}
+
+impl Conn {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, mut s: S) -> io::Result<()> {
+        let negotiated = tokio::time::timeout(self.timeout, handshake(&mut s, &self.exports, &self.shutdown))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake took too long"))??;
+        match negotiated {
+            Some(n) => {
+                self.emit.send(Event::Connected { peer: self.peer.clone(), export: n.export.name.clone() });
+                transmission::serve(s, n, &self.budget, self.shutdown).await
+            }
+            None => Ok(()),
+        }
+    }
+}
