@@ -3,7 +3,7 @@
 # Usage: scripts/packages.sh
 set -euo pipefail
 
-pkgs=(e2fsprogs fdisk python3 zstd)
+pkgs=(e2fsprogs fdisk python3 zstd qemu-utils libnbd-bin fio)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -198,6 +198,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Key(k) => key(&ctx, k),
         Command::Unlock(a) => unlock(&ctx, a),
         Command::Serve(a) => crate::serve::run(&ctx, a),
+        Command::Overlay(c) => crate::overlay::run(&ctx, c),
         Command::BenchStages(a) => crate::stages::run(a, ctx.json),
     }
 }

@@ -3,6 +3,7 @@
 
 mod commands;
 mod human;
+mod overlay;
 mod password;
 mod progress;
 mod serve;
@@ -62,6 +63,9 @@ pub enum Command {
     Unlock(commands::UnlockArgs),
     /// Serve snapshots over NBD (read-only, or writable through copy-on-write overlays).
     Serve(serve::ServeArgs),
+    /// List, commit (as a new snapshot) or discard the overlays of `serve --writable`.
+    #[command(subcommand)]
+    Overlay(overlay::OverlayCommand),
     /// Measure each backup pipeline stage alone (chunk, hash, compress, encrypt).
     BenchStages(stages::StagesArgs),
 }

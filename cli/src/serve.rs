@@ -195,13 +195,13 @@ fn is_loopback(a: &SocketAddr) -> bool {
 
 pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     if args.socket.is_none() && !is_loopback(&args.listen) && !args.insecure {
-        bail!("{} is not a loopback address and TLS is not available yet; pass --insecure to serve it in clear text", args.listen);
+        bail!(
+            "{} is not a loopback address and TLS is not available yet; pass --insecure to serve it in clear text",
+            args.listen
+        );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(64)
-        .enable_all()
-        .build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?;
     let (exports, lock, session): (Arc<dyn Exports>, _, _) = match &args.image {
         Some(path) => {
             let dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(path)?);
@@ -226,7 +226,9 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
                 (Listener::Unix(l), format!("nbd+unix:///EXPORT?socket={}", path.display()))
             }
             None => {
-                let l = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+                let l = tokio::net::TcpListener::bind(args.listen)
+                    .await
+                    .with_context(|| format!("listening on {}", args.listen))?;
                 let url = format!("nbd://{}/EXPORT", l.local_addr()?);
                 (Listener::Tcp(l), url)
             }

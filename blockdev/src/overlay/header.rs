@@ -84,7 +84,8 @@ impl OverlayHeader {
     }
 
     pub(crate) fn from_bytes(b: &[u8]) -> io::Result<Self> {
-        let b: &[u8; HEADER_LEN] = b.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or_else(|| bad("short".into()))?;
+        let b: &[u8; HEADER_LEN] =
+            b.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or_else(|| bad("short".into()))?;
         if &b[0..8] != MAGIC {
             return Err(bad("not a vmvault overlay (bad magic at offset 0)".into()));
         }
@@ -96,7 +97,10 @@ impl OverlayHeader {
         }
         let version = u32_at(8);
         if version != VERSION {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("overlay version {version} (this build reads {VERSION})")));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("overlay version {version} (this build reads {VERSION})"),
+            ));
         }
         let id_len = usize::from(u16::from_le_bytes([b[56], b[57]]));
         if id_len > MAX_BASE_ID {

@@ -67,9 +67,7 @@ fn lock_file(file: &File, writable: bool) -> io::Result<()> {
 impl<B: BlockDev> Overlay<B> {
     /// Create a new overlay file at `path` (which must not exist) over `base`.
     pub fn create(path: &Path, base: B, block_size: u32, base_id: &str) -> io::Result<Self> {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let header = OverlayHeader { block_size, size: base.len(), created, base_id: base_id.to_owned() };
         header.validate()?;
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
@@ -239,6 +237,16 @@ fn read_header(file: &File) -> io::Result<OverlayHeader> {
 /// Read an overlay file's header without opening its base (to find out what the base is).
 pub fn read_overlay_header(path: &Path) -> io::Result<OverlayHeader> {
     read_header(&File::open(path)?)
+}
+
+/// Delete an overlay file, refusing while another process has it open for writing (a
+/// server serving it). Returns what the header said.
+pub fn remove_overlay(path: &Path) -> io::Result<OverlayHeader> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    lock_file(&file, true)?;
+    let header = read_header(&file)?;
+    std::fs::remove_file(path)?;
+    Ok(header)
 }
 
 impl<B: BlockDev> BlockDev for Overlay<B> {

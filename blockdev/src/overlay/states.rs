@@ -32,10 +32,8 @@ impl States {
     /// Parse the on-disk bitmap (`bytes` covers whole pages). State 3 and bits past the
     /// last block are damage.
     pub(crate) fn from_bytes(bytes: &[u8], blocks: u64) -> io::Result<Self> {
-        let words: Vec<AtomicU64> = bytes
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
-            .collect();
+        let words: Vec<AtomicU64> =
+            bytes.chunks_exact(8).map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))).collect();
         let s = Self::with_words(words, blocks);
         for (w, word) in s.words.iter().enumerate() {
             let v = word.load(Ordering::Relaxed);
@@ -145,7 +143,10 @@ impl States {
 }
 
 fn corrupt(word: usize, what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("overlay bitmap: {what} in the word at bitmap byte {}", word * 8))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("overlay bitmap: {what} in the word at bitmap byte {}", word * 8),
+    )
 }
 
 #[cfg(test)]

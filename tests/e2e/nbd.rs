@@ -1,0 +1,254 @@
+//! `vmvault serve` against real NBD clients: qemu-img, nbdinfo, nbdcopy, qemu-io and fio.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use crate::util::{noise, write_image, Env};
+
+/// A running `vmvault serve`; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+}
+
+impl Server {
+    pub fn start(env: &Env, extra: &[&str]) -> Self {
+        let mut child = env
+            .cmd()
+            .args(["serve", "--listen", "127.0.0.1:0", "-q"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vmvault serve");
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(out).lines();
+        let addr = loop {
+            let line = lines.next().expect("serve exited before listening").expect("read stdout");
+            if let Some(rest) = line.strip_prefix("serving nbd://") {
+                break rest.trim_end_matches("/EXPORT").to_owned();
+            }
+        };
+        Self { child, addr }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.addr)
+    }
+
+    /// kill -9: no chance to flush anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "serve exited with {status} after SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd} is needed ({e})"));
+    assert!(out.status.success(), "{cmd} {args:?} failed:\n{}", crate::util::text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A 48 MiB disk: data, a long hole, more data, and a zero tail.
+fn disk(env: &Env) -> std::path::PathBuf {
+    let path = env.path("disk.img");
+    let a = noise(1, 5 << 20);
+    let b = noise(2, 3 << 20);
+    write_image(&path, 48 << 20, &[(0, &a), (20 << 20, &b), (40 << 20, b"tail marker")]);
+    path
+}
+
+fn backed_up(env: &Env) -> std::path::PathBuf {
+    env.init(&[]);
+    let img = disk(env);
+    env.ok(&["backup", "--vm", "web01", &format!("xvda={}", img.display())]);
+    img
+}
+
+#[test]
+fn read_only_export_matches_the_image_for_every_client() {
+    let env = Env::new();
+    let img = backed_up(&env);
+    let srv = Server::start(&env, &[]);
+    let uri = srv.uri("web01@latest/xvda");
+    let imgs = img.to_str().expect("utf-8 path");
+    let out = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", imgs, &uri]);
+    assert!(out.contains("identical"), "{out}");
+    // nbdcopy (which skips holes by block status) produces the same bytes.
+    let copy = env.path("copy.img");
+    tool("nbdcopy", &[&uri, copy.to_str().expect("path")]);
+    assert!(crate::util::same_file(&img, &copy), "nbdcopy output differs");
+    // The zero extents are reported as holes, the data as data.
+    let map = tool("nbdinfo", &["--map", "--json", &uri]);
+    let map: serde_json::Value = serde_json::from_str(&map).expect("nbdinfo json");
+    let extents: Vec<(u64, u64, u64)> = map
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            (e["offset"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0), e["type"].as_u64().unwrap_or(9))
+        })
+        .collect();
+    let is_zero = |off: u64| extents.iter().any(|&(o, l, t)| (o..o + l).contains(&off) && t == 3);
+    assert!(!is_zero(0) && !is_zero((5 << 20) - 1), "{extents:?}");
+    assert!(is_zero(6 << 20) && is_zero((20 << 20) - 1), "{extents:?}");
+    assert!(!is_zero(20 << 20) && is_zero(45 << 20), "{extents:?}");
+    // Listing names every stream, by snapshot id and as @latest, with descriptions.
+    let list = tool("nbdinfo", &["--list", "--json", &srv.uri("")]);
+    let list: serde_json::Value = serde_json::from_str(&list).expect("nbdinfo json");
+    // nbdinfo shows each listed name in "uri" and the canonical name (the resolved snapshot)
+    // in "export-name".
+    let names: Vec<&str> =
+        list["exports"].as_array().expect("exports").iter().filter_map(|e| e["uri"].as_str()).collect();
+    assert!(names.iter().any(|n| n.ends_with("/web01@latest/xvda")), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("/web01@") && n.ends_with("/xvda") && !n.contains("latest")), "{names:?}");
+    let info = tool("nbdinfo", &["--json", &uri]);
+    let info: serde_json::Value = serde_json::from_str(&info).expect("nbdinfo json");
+    let e = &info["exports"][0];
+    assert_eq!(e["is_read_only"], true);
+    assert_eq!(e["can_multi_conn"], true);
+    assert_eq!(e["export-size"], 48 << 20);
+    assert!(e["description"].as_str().unwrap_or("").contains("web01"));
+    // Unknown exports are refused with a reason, not a hang.
+    let out = Command::new("qemu-img").args(["info", &srv.uri("web01@latest/nope")]).output().expect("qemu-img");
+    assert!(!out.status.success());
+    // Writes are refused on a read-only server.
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 512", &uri]).output().expect("qemu-io");
+    let all = crate::util::text(&out);
+    assert!(
+        !out.status.success() || all.contains("ermission") || all.contains("read-only") || all.contains("read only"),
+        "{all}"
+    );
+    srv.stop();
+}
+
+#[test]
+fn the_default_export_and_a_unix_socket() {
+    let env = Env::new();
+    let img = backed_up(&env);
+    let sock = env.path("nbd.sock");
+    let mut child = env
+        .cmd()
+        .args(["serve", "-q", "--socket", sock.to_str().expect("path"), "--export", "web01@latest/xvda"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert!(lines.next().expect("line").expect("read").starts_with("serving nbd+unix://"));
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", img.to_str().expect("path"), &uri]);
+    assert!(out.contains("identical"), "{out}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn fio_random_reads_at_queue_depth_16_verify() {
+    let env = Env::new();
+    env.init(&[]);
+    // fio writes a verifiable pattern into the image; vmvault backs it up; fio then reads it
+    // back through the export in random order, 16 requests in flight, checking every block.
+    let img = env.path("fio.img");
+    write_image(&img, 32 << 20, &[]);
+    let job = ["--name=v", "--size=32M", "--bs=4k", "--rw=randwrite", "--verify=crc32c", "--randrepeat=1"];
+    tool("fio", &[&job[..], &["--ioengine=psync", &format!("--filename={}", img.display()), "--do_verify=0"]].concat());
+    env.ok(&["backup", "--vm", "f", &format!("xvda={}", img.display())]);
+    let srv = Server::start(&env, &[]);
+    let uri = srv.uri("f@latest/xvda");
+    let out = tool(
+        "fio",
+        &[&job[..], &["--ioengine=nbd", &format!("--uri={uri}"), "--verify_only", "--iodepth=16", "--verify_fatal=1"]]
+            .concat(),
+    );
+    assert!(out.contains("err= 0"), "{out}");
+    assert!(!out.contains("verify: bad"), "{out}");
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = tool("qemu-io", &args);
+    assert!(!out.contains("failed") && !out.contains("Pattern verification"), "{out}");
+    out
+}
+
+#[test]
+fn writable_overlay_survives_kill_9_and_commits_as_a_new_snapshot() {
+    let env = Env::new();
+    let img = backed_up(&env);
+    let base = env.json(&["snapshots"]);
+    let ov = env.path("ov");
+    let ovs = ov.to_str().expect("path");
+    let args = ["--writable", "--overlay-dir", ovs, "--session", "boot1"];
+    let srv = Server::start(&env, &args);
+    let uri = srv.uri("web01@latest/xvda");
+    qemu_io(
+        &uri,
+        &["write -P 0xab 1000 70000", "flush", "write -z 20M 1M", "discard 40M 64k", "write -f -P 0x11 30M 4k"],
+    );
+    qemu_io(&uri, &["read -P 0xab 1000 70000", "read -P 0 20M 1M", "read -P 0x11 30M 4k"]);
+    // While served, the overlay can be neither discarded nor committed by someone else.
+    let e = env.fails(&["overlay", "discard", &format!("{ovs}/boot1")]);
+    assert!(e.contains("in use"), "{e}");
+    srv.kill();
+    // Everything acknowledged after a flush or with FUA is there after kill -9.
+    let srv = Server::start(&env, &args);
+    let uri = srv.uri("web01@latest/xvda");
+    qemu_io(&uri, &["read -P 0xab 1000 70000", "read -P 0 20M 1M", "read -P 0x11 30M 4k", "read -P 0 40M 64k"]);
+    srv.stop();
+    // The expected disk: the same edits applied to the original image.
+    let expect = env.path("expect.img");
+    std::fs::copy(&img, &expect).expect("copy");
+    let ex = expect.to_str().expect("path");
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1000 70000",
+            "-c",
+            "write -z 20M 1M",
+            "-c",
+            "write -z 40M 64k",
+            "-c",
+            "write -P 0x11 30M 4k",
+            ex,
+        ],
+    );
+    let list = env.ok(&["overlay", "list", "--overlay-dir", ovs]);
+    assert!(list.contains("xvda"), "{list}");
+    env.ok(&["overlay", "commit", &format!("{ovs}/boot1"), "--tag", "booted"]);
+    let after = env.json(&["snapshots"]);
+    assert_eq!(after.as_array().map(Vec::len), base.as_array().map(|a| a.len() + 1));
+    let restored = env.path("restored.img");
+    env.ok(&["restore", "web01@latest:xvda", "--target", restored.to_str().expect("path")]);
+    assert!(crate::util::same_file(&restored, &expect), "committed snapshot differs from base + writes");
+    // The base snapshot is untouched.
+    let base_id = base[0]["id"].as_str().expect("id").to_owned();
+    let orig = env.path("orig.img");
+    env.ok(&["restore", &format!("{base_id}:xvda"), "--target", orig.to_str().expect("path")]);
+    assert!(crate::util::same_file(&orig, &img));
+    env.ok(&["overlay", "discard", &format!("{ovs}/boot1")]);
+    assert!(!Path::new(&format!("{ovs}/boot1/web01@{}.xvda.ovl", &base_id[..8])).exists());
+    env.ok(&["check", "--read-data"]);
+}
