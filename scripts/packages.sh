@@ -3,7 +3,7 @@
 # Usage: scripts/packages.sh
 set -euo pipefail
 
-pkgs=(e2fsprogs fdisk python3 zstd qemu-utils libnbd-bin fio)
+pkgs=(e2fsprogs fdisk python3 zstd qemu-utils libnbd-bin fio qemu-system-x86 kmod cpio xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `vmvault` binary against real files.
 
 mod basic;
+mod boot;
 mod crash;
 mod nbd;
 mod util;
