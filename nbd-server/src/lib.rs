@@ -20,4 +20,4 @@ mod transmission;
 
 pub use command::errno;
 pub use export::{Export, Exports, StaticExports, MAX_PAYLOAD};
-pub use server::{serve, Config, Event, EventSink, Listener};
+pub use server::{serve, serve_connection, Config, Event, EventSink, Listener};

@@ -68,12 +68,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let (tx, rx) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let units = u32::try_from(config.io_budget.div_ceil(4096).max(8192)).unwrap_or(u32::MAX >> 4);
-    let budget = Arc::new(Budget {
-        per_connection: config.max_in_flight.max(1),
-        bytes: Arc::new(Semaphore::new(units as usize)),
-        units,
-    });
+    let budget = Arc::new(Budget::new(&config));
     let emit = Emit(events);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
@@ -126,6 +121,26 @@ pub async fn serve(
         }
     }
     tokio::task::spawn_blocking(move || exports.shutdown()).await.map_err(io::Error::other)?
+}
+
+/// Serve one already-connected client (a TLS stream, a socketpair, a test's in-memory pipe):
+/// handshake, then transmission until it leaves. Uses `config`'s per-connection limits.
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    exports: Arc<dyn Exports>,
+    config: &Config,
+) -> io::Result<()> {
+    let (_tx, rx) = watch::channel(false);
+    let budget = Arc::new(Budget::new(config));
+    let conn = Conn {
+        exports,
+        budget,
+        shutdown: rx,
+        timeout: config.handshake_timeout,
+        emit: Emit(None),
+        peer: String::new(),
+    };
+    conn.run(stream).await
 }
 
 enum Stream {

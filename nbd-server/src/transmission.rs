@@ -27,6 +27,13 @@ pub(crate) struct Budget {
     pub units: u32,
 }
 
+impl Budget {
+    pub(crate) fn new(config: &crate::Config) -> Self {
+        let units = u32::try_from(config.io_budget.div_ceil(BUDGET_UNIT).max(8192)).unwrap_or(u32::MAX >> 4);
+        Self { per_connection: config.max_in_flight.max(1), bytes: Arc::new(Semaphore::new(units as usize)), units }
+    }
+}
+
 fn cost(budget: &Budget, req: &Request) -> u32 {
     let bytes = match req.command {
         CMD_READ | CMD_WRITE => u64::from(req.length.min(MAX_PAYLOAD)),

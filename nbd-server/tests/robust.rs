@@ -293,3 +293,18 @@ fn structured_reads_send_holes_and_errors_in_chunks() {
     c.0.read_exact(&mut p).unwrap();
     assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EINVAL);
 }
+
+#[test]
+fn connections_beyond_the_cap_are_closed_and_slots_come_back() {
+    let addr = start(); // max_connections = 8
+    let held: Vec<Client> = (0..8).map(|_| Client::connect(addr)).collect();
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 18];
+    assert!(matches!(extra.read(&mut b), Ok(0)), "the ninth connection got a greeting");
+    assert!(started.elapsed() < Duration::from_secs(1), "refusal should be immediate");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    still_serves(addr);
+}

@@ -6,35 +6,42 @@ use std::process::{Child, Command, Stdio};
 
 use crate::util::{noise, write_image, Env};
 
-/// A running `vmvault serve`; killed when dropped.
+/// A running `vmvault serve`; killed when dropped (also when a test panics).
 pub struct Server {
     child: Child,
-    pub addr: String,
+    /// What the server printed: `nbd://ADDR/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    url: String,
 }
 
 impl Server {
+    /// A server on a free loopback port.
     pub fn start(env: &Env, extra: &[&str]) -> Self {
+        Self::spawn(env, &[&["--listen", "127.0.0.1:0"], extra].concat())
+    }
+
+    pub fn spawn(env: &Env, args: &[&str]) -> Self {
         let mut child = env
             .cmd()
-            .args(["serve", "--listen", "127.0.0.1:0", "-q"])
-            .args(extra)
+            .args(["serve", "-q"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start vmvault serve");
         let out = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(out).lines();
-        let addr = loop {
+        let url = loop {
             let line = lines.next().expect("serve exited before listening").expect("read stdout");
-            if let Some(rest) = line.strip_prefix("serving nbd://") {
-                break rest.trim_end_matches("/EXPORT").to_owned();
+            if let Some(rest) = line.strip_prefix("serving ") {
+                break rest.to_owned();
             }
         };
-        Self { child, addr }
+        Self { child, url }
     }
 
+    /// The URI of `export` on this server.
     pub fn uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.addr)
+        self.url.replace("EXPORT", export)
     }
 
     /// kill -9: no chance to flush anything.
@@ -143,19 +150,14 @@ fn the_default_export_and_a_unix_socket() {
     let env = Env::new();
     let img = backed_up(&env);
     let sock = env.path("nbd.sock");
-    let mut child = env
-        .cmd()
-        .args(["serve", "-q", "--socket", sock.to_str().expect("path"), "--export", "web01@latest/xvda"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert!(lines.next().expect("line").expect("read").starts_with("serving nbd+unix://"));
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let srv = Server::spawn(&env, &["--socket", sock.to_str().expect("path"), "--export", "web01@latest/xvda"]);
+    // The empty name is the default export.
+    let uri = srv.uri("");
+    assert_eq!(uri, format!("nbd+unix:///?socket={}", sock.display()));
     let out = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", img.to_str().expect("path"), &uri]);
     assert!(out.contains("identical"), "{out}");
-    let _ = child.kill();
-    let _ = child.wait();
+    srv.stop();
+    assert!(!sock.exists(), "the socket file is removed on exit");
 }
 
 #[test]
