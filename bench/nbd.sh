@@ -90,9 +90,9 @@ seq_read() {  # tool label uri
 }
 fio_iops() {  # label uri
     fio --name=r --ioengine=nbd --uri="$2" --rw=randread --bs=4k --iodepth=16 --time_based \
-        --runtime="$fio_seconds" --output-format=json | python3 -c \
-        'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))' |
-        { read -r v; record "$1-fio-iops" "$v"; }
+        --runtime="$fio_seconds" --output-format=json --output="$work/fio.json" >/dev/null
+    record "$1-fio-iops" "$(python3 -c \
+        'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"]))' "$work/fio.json")"
 }
 
 vm_uri=nbd://127.0.0.1:$vm_port/day0@latest/xvda

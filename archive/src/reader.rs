@@ -117,6 +117,17 @@ impl BlockDev for StreamReader {
         Ok(())
     }
 
+    /// Queue the chunks of the range to the background fetchers (NBD CACHE, FUSE
+    /// read-ahead).
+    fn will_need(&self, offset: u64, len: u64) {
+        if offset >= self.map.size || len == 0 {
+            return;
+        }
+        let first = self.map.find(offset);
+        let last = self.map.find(offset.saturating_add(len).min(self.map.size) - 1);
+        self.queue(first, last - first + 1);
+    }
+
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
         check_range(self.map.size, offset, 1)?;
         let limit = offset.saturating_add(max_len).min(self.map.size);

@@ -12,6 +12,7 @@
 //! FUSE and NBD need an errno in the end. A read past the end is `UnexpectedEof`; a write to a
 //! read-only device is `PermissionDenied`.
 
+mod cache;
 mod file;
 mod mem;
 pub mod overlay;
@@ -19,6 +20,7 @@ mod slice;
 
 use std::io;
 
+pub use cache::ReadCache;
 pub use file::FileDev;
 pub use mem::MemDev;
 pub use overlay::Overlay;

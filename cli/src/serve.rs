@@ -12,7 +12,7 @@ use archive::manifest::{SnapshotEntry, StreamKind};
 use archive::reader::{ReadAhead, StreamReader};
 use archive::store::ChunkStore;
 use archive::Repository;
-use blockdev::{BlockDev, FileDev, Overlay};
+use blockdev::{BlockDev, FileDev, Overlay, ReadCache};
 use clap::Args;
 use nbd_server::{Event, Export, Exports, Listener, StaticExports};
 
@@ -41,9 +41,19 @@ pub struct ServeArgs {
     /// Copy-on-write block size of new overlays.
     #[arg(long, default_value_t = 65536)]
     overlay_block_size: u32,
-    /// Decompressed-chunk cache, in MiB, shared by every export.
-    #[arg(long, default_value_t = 128)]
+    /// Decompressed-chunk cache in memory, in MiB, shared by every export.
+    #[arg(long, default_value_t = 64)]
     cache_mib: usize,
+    /// Folder for the read cache: blocks read once are kept in an anonymous (unnamed,
+    /// self-deleting) file there, so reading them again costs a local read. [default: $TMPDIR]
+    #[arg(long)]
+    read_cache_dir: Option<PathBuf>,
+    /// Most bytes the read cache keeps per export, in MiB.
+    #[arg(long, default_value_t = 16384)]
+    read_cache_max_mib: u64,
+    /// No read cache: every read decrypts and decompresses from the repository.
+    #[arg(long, conflicts_with_all = ["read_cache_dir"])]
+    no_read_cache: bool,
     /// Connections served at once.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
@@ -64,7 +74,12 @@ struct RepoExports {
     default: Option<String>,
     overlays: Option<(PathBuf, u32)>,
     cache_bytes: usize,
+    /// Folder and per-export byte limit of the read cache.
+    read_cache: Option<(PathBuf, u64)>,
 }
+
+/// Read-cache granularity: the default chunk size, so one fetch fills one block.
+const READ_CACHE_BLOCK: u64 = 1 << 20;
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -81,12 +96,15 @@ impl RepoExports {
             default: args.export.clone(),
             overlays: session_dir.map(|d| (d, args.overlay_block_size)),
             cache_bytes,
+            read_cache: (!args.no_read_cache).then(|| {
+                (args.read_cache_dir.clone().unwrap_or_else(std::env::temp_dir), args.read_cache_max_mib << 20)
+            }),
         })
     }
 
     fn load_store(repo: &Arc<Repository>, cache: usize) -> Result<(Arc<ChunkStore>, HashSet<SnapshotId>)> {
         let known = repo.list_snapshots()?.into_iter().map(|e| e.id).collect();
-        let index = Arc::new(repo.load_index(1024)?);
+        let index = Arc::new(repo.load_index(256)?);
         Ok((Arc::new(ChunkStore::new(repo.clone(), index, cache)), known))
     }
 
@@ -109,15 +127,22 @@ impl RepoExports {
         let Some(sref) = entry.snapshot.stream(stream) else { return Ok(None) };
         let map = self.repo.load_stream_map(&sref.map.parse()?)?;
         let reader = StreamReader::new(self.store_for(&entry.id)?, map, ReadAhead::default());
+        let base: Box<dyn BlockDev> = match &self.read_cache {
+            Some((dir, max)) => Box::new(
+                ReadCache::new(reader, dir, READ_CACHE_BLOCK, *max)
+                    .with_context(|| format!("creating a read cache in {}", dir.display()))?,
+            ),
+            None => Box::new(reader),
+        };
         let mut description = describe(&entry, stream, sref.kind);
         let (dev, preferred): (Arc<dyn BlockDev>, u32) = match &self.overlays {
             Some((dir, block_size)) if sref.kind == StreamKind::Disk => {
                 let path = dir.join(format!("{}@{}.{stream}.ovl", entry.snapshot.vm, entry.id.short()));
-                let ov = open_overlay(&path, reader, &format!("{}/{stream}", entry.id.to_hex()), *block_size)?;
+                let ov = open_overlay(&path, base, &format!("{}/{stream}", entry.id.to_hex()), *block_size)?;
                 description.push_str(&format!(", writes kept in {}", path.display()));
                 (Arc::new(ov), *block_size)
             }
-            _ => (Arc::new(reader), 4096),
+            _ => (Arc::from(base), 4096),
         };
         let mut export = Export::new(canonical.clone(), description, dev);
         export.preferred_block = preferred;
@@ -133,7 +158,7 @@ fn describe(e: &SnapshotEntry, stream: &str, kind: StreamKind) -> String {
 }
 
 /// Continue an existing overlay of this base, or start one.
-fn open_overlay(path: &Path, base: StreamReader, base_id: &str, block_size: u32) -> Result<Overlay<StreamReader>> {
+fn open_overlay<B: BlockDev>(path: &Path, base: B, base_id: &str, block_size: u32) -> Result<Overlay<B>> {
     if path.exists() {
         Overlay::open(path, base, Some(base_id), true).with_context(|| format!("opening overlay {}", path.display()))
     } else {
