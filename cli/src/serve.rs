@@ -57,12 +57,41 @@ pub struct ServeArgs {
     /// Connections served at once.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
-    /// Allow listening on a non-loopback address without TLS.
+    /// TLS (STARTTLS): `required` refuses clients until they start TLS, `optional` lets them
+    /// choose, `off` refuses STARTTLS. [default: required with --tls-cert, else off]
+    #[arg(long, value_enum)]
+    tls: Option<TlsMode>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without required TLS.
     #[arg(long)]
     insecure: bool,
     /// Serve this raw image file instead of a repository (for tests and benchmarks).
     #[arg(long, hide = true)]
     image: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsMode {
+    Off,
+    Optional,
+    Required,
+}
+
+fn tls_config(args: &ServeArgs) -> Result<Option<nbd_server::Tls>> {
+    let mode = args.tls.unwrap_or(if args.tls_cert.is_some() { TlsMode::Required } else { TlsMode::Off });
+    match (mode, &args.tls_cert, &args.tls_key) {
+        (TlsMode::Off, _, _) => Ok(None),
+        (_, Some(cert), Some(key)) => {
+            let acceptor = nbd_server::tls::acceptor(cert, key).context("loading the TLS certificate and key")?;
+            Ok(Some(nbd_server::Tls { acceptor, required: mode == TlsMode::Required }))
+        }
+        _ => bail!("--tls {mode:?} needs --tls-cert and --tls-key"),
+    }
 }
 
 /// Exports backed by the repository, opened on first use and kept for the server's life.
@@ -219,9 +248,11 @@ fn is_loopback(a: &SocketAddr) -> bool {
 }
 
 pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
-    if args.socket.is_none() && !is_loopback(&args.listen) && !args.insecure {
+    let tls = tls_config(&args)?;
+    let tls_required = tls.as_ref().is_some_and(|t| t.required);
+    if args.socket.is_none() && !is_loopback(&args.listen) && !tls_required && !args.insecure {
         bail!(
-            "{} is not a loopback address and TLS is not available yet; pass --insecure to serve it in clear text",
+            "{} is not a loopback address: use --tls-cert/--tls-key (TLS required), or --insecure to serve in clear text",
             args.listen
         );
     }
@@ -248,13 +279,15 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
                 let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-                (Listener::Unix(l), format!("nbd+unix:///EXPORT?socket={}", path.display()))
+                let scheme = if tls_required { "nbds+unix" } else { "nbd+unix" };
+                (Listener::Unix(l), format!("{scheme}:///EXPORT?socket={}", path.display()))
             }
             None => {
                 let l = tokio::net::TcpListener::bind(args.listen)
                     .await
                     .with_context(|| format!("listening on {}", args.listen))?;
-                let url = format!("nbd://{}/EXPORT", l.local_addr()?);
+                let scheme = if tls_required { "nbds" } else { "nbd" };
+                let url = format!("{scheme}://{}/EXPORT", l.local_addr()?);
                 (Listener::Tcp(l), url)
             }
         };
@@ -270,7 +303,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
                 log_event(e)
             }
         });
-        let config = nbd_server::Config { max_connections: args.max_connections, ..Default::default() };
+        let config = nbd_server::Config { max_connections: args.max_connections, tls, ..Default::default() };
         nbd_server::serve(listener, exports, config, Some(events), shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

@@ -23,9 +23,30 @@ pub(crate) struct Negotiated {
 /// The id this server gives `base:allocation`.
 pub(crate) const ALLOCATION_ID: u32 = 1;
 
+/// How option haggling ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Go(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next, then haggling starts over.
+    StartTls,
+    Close,
+}
+
+/// What the connection's TLS state allows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TlsState {
+    /// The server can do STARTTLS.
+    pub available: bool,
+    /// Options other than STARTTLS and ABORT need TLS first.
+    pub required: bool,
+    /// TLS is up on this connection.
+    pub active: bool,
+}
+
 struct State<'a> {
     exports: &'a Arc<dyn Exports>,
     shutdown: &'a watch::Receiver<bool>,
+    tls: TlsState,
     structured: bool,
     no_zeroes: bool,
     /// The export name of the last SET_META_CONTEXT and whether it selected base:allocation.
@@ -34,6 +55,7 @@ struct State<'a> {
 
 enum Next {
     Continue,
+    StartTls,
     /// Transmission starts with this export, opened under this name (the meta context
     /// selection counts only if SET named it the same way).
     Go(Arc<Export>, String),
@@ -44,24 +66,32 @@ fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
 }
 
-/// Run the handshake. `Ok(None)` when the client aborted or left politely.
-pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    exports: &Arc<dyn Exports>,
-    shutdown: &watch::Receiver<bool>,
-) -> io::Result<Option<Negotiated>> {
+/// Send the greeting and read the client's flags; returns whether NO_ZEROES was agreed and
+/// whether the client speaks fixed newstyle (STARTTLS needs it).
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<(bool, bool)> {
     s.write_all(&greeting()).await?;
     s.flush().await?;
     let client = s.read_u32().await?;
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(invalid("client flags with unknown bits"));
     }
-    let mut st = State { exports, shutdown, structured: false, no_zeroes: client & FLAG_C_NO_ZEROES != 0, meta: None };
+    Ok((client & FLAG_C_NO_ZEROES != 0, client & FLAG_C_FIXED_NEWSTYLE != 0))
+}
+
+/// Haggle over options until the client picks an export, asks for TLS, or leaves.
+pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &Arc<dyn Exports>,
+    shutdown: &watch::Receiver<bool>,
+    tls: TlsState,
+    no_zeroes: bool,
+) -> io::Result<Outcome> {
+    let mut st = State { exports, shutdown, tls, structured: false, no_zeroes, meta: None };
     loop {
         let mut head = [0u8; 16];
         match s.read_exact(&mut head).await {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Close),
             Err(e) => return Err(e),
         }
         let (option, len) = parse_option_header(&head).map_err(|e| invalid(&e.to_string()))?;
@@ -78,10 +108,11 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         s.read_exact(&mut data).await?;
         match option_step(s, &mut st, option, &data).await? {
             Next::Continue => {}
-            Next::Close => return Ok(None),
+            Next::StartTls => return Ok(Outcome::StartTls),
+            Next::Close => return Ok(Outcome::Close),
             Next::Go(export, asked) => {
                 let allocation = matches!(&st.meta, Some((name, true)) if *name == asked);
-                return Ok(Some(Negotiated { export, structured: st.structured, allocation }));
+                return Ok(Outcome::Go(Negotiated { export, structured: st.structured, allocation }));
             }
         }
     }
@@ -105,6 +136,13 @@ async fn option_step<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<Next> {
     if *st.shutdown.borrow() && option != OPT_ABORT {
         reply(s, option, REP_ERR_SHUTDOWN, b"server is shutting down").await?;
+        return Ok(Next::Continue);
+    }
+    if st.tls.required && !st.tls.active && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+        if option == OPT_EXPORT_NAME {
+            return Ok(Next::Close); // cannot answer it with an error
+        }
+        reply(s, option, REP_ERR_TLS_REQD, b"this server requires TLS (STARTTLS)").await?;
         return Ok(Next::Continue);
     }
     match option {
@@ -141,7 +179,16 @@ async fn option_step<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Next::Continue)
         }
         OPT_STARTTLS => {
-            reply(s, option, REP_ERR_POLICY, b"TLS is not configured on this server").await?;
+            if !data.is_empty() {
+                reply(s, option, REP_ERR_INVALID, b"STARTTLS takes no data").await?;
+            } else if st.tls.active {
+                reply(s, option, REP_ERR_INVALID, b"TLS is already up").await?;
+            } else if !st.tls.available {
+                reply(s, option, REP_ERR_POLICY, b"TLS is not configured on this server").await?;
+            } else {
+                reply(s, option, REP_ACK, &[]).await?;
+                return Ok(Next::StartTls);
+            }
             Ok(Next::Continue)
         }
         OPT_INFO | OPT_GO => info_or_go(s, st, option, data).await,

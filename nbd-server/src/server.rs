@@ -13,7 +13,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::export::Exports;
-use crate::handshake::handshake;
+use crate::handshake::{greet, haggle, Outcome, TlsState};
+use crate::tls::Tls;
 use crate::transmission::{self, Budget};
 
 /// Server limits.
@@ -27,6 +28,8 @@ pub struct Config {
     pub io_budget: u64,
     /// A client must finish option haggling within this time.
     pub handshake_timeout: Duration,
+    /// STARTTLS support, and whether TLS is required.
+    pub tls: Option<Tls>,
 }
 
 impl Default for Config {
@@ -36,6 +39,7 @@ impl Default for Config {
             max_in_flight: 64,
             io_budget: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -101,6 +105,7 @@ pub async fn serve(
             budget: budget.clone(),
             shutdown: rx.clone(),
             timeout: config.handshake_timeout,
+            tls: config.tls.clone(),
             emit: emit.clone(),
             peer: peer.clone(),
         };
@@ -137,6 +142,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static
         budget,
         shutdown: rx,
         timeout: config.handshake_timeout,
+        tls: config.tls.clone(),
         emit: Emit(None),
         peer: String::new(),
     };
@@ -179,21 +185,54 @@ struct Conn {
     budget: Arc<Budget>,
     shutdown: watch::Receiver<bool>,
     timeout: Duration,
+    tls: Option<Tls>,
     emit: Emit,
     peer: String,
 }
 
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "handshake took too long")
+}
+
 impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(self, mut s: S) -> io::Result<()> {
-        let negotiated = tokio::time::timeout(self.timeout, handshake(&mut s, &self.exports, &self.shutdown))
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let (no_zeroes, fixed) = tokio::time::timeout_at(deadline, greet(&mut s)).await.map_err(|_| timed_out())??;
+        let mut tls = TlsState {
+            available: self.tls.is_some() && fixed,
+            required: self.tls.as_ref().is_some_and(|t| t.required),
+            active: false,
+        };
+        let outcome = tokio::time::timeout_at(deadline, haggle(&mut s, &self.exports, &self.shutdown, tls, no_zeroes))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake took too long"))??;
-        match negotiated {
-            Some(n) => {
-                self.emit.send(Event::Connected { peer: self.peer.clone(), export: n.export.name.clone() });
-                transmission::serve(s, n, &self.budget, self.shutdown).await
+            .map_err(|_| timed_out())??;
+        match outcome {
+            Outcome::Go(n) => self.transmit(s, n).await,
+            Outcome::Close => Ok(()),
+            Outcome::StartTls => {
+                let Some(t) = &self.tls else { return Ok(()) };
+                let mut s =
+                    tokio::time::timeout_at(deadline, t.acceptor.accept(s)).await.map_err(|_| timed_out())??;
+                tls.active = true;
+                // All negotiated state is forgotten; haggling starts over inside TLS.
+                let outcome =
+                    tokio::time::timeout_at(deadline, haggle(&mut s, &self.exports, &self.shutdown, tls, no_zeroes))
+                        .await
+                        .map_err(|_| timed_out())??;
+                match outcome {
+                    Outcome::Go(n) => self.transmit(s, n).await,
+                    _ => Ok(()),
+                }
             }
-            None => Ok(()),
         }
+    }
+
+    async fn transmit<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        self,
+        s: S,
+        n: crate::handshake::Negotiated,
+    ) -> io::Result<()> {
+        self.emit.send(Event::Connected { peer: self.peer.clone(), export: n.export.name.clone() });
+        transmission::serve(s, n, &self.budget, self.shutdown).await
     }
 }

@@ -254,3 +254,79 @@ fn writable_overlay_survives_kill_9_and_commits_as_a_new_snapshot() {
     assert!(!Path::new(&format!("{ovs}/boot1/web01@{}.xvda.ovl", &base_id[..8])).exists());
     env.ok(&["check", "--read-data"]);
 }
+
+/// A CA and a server certificate for 127.0.0.1 / localhost, made with openssl, in `dir`
+/// (named as qemu and libnbd expect: ca-cert.pem, server-cert.pem, server-key.pem).
+fn make_certs(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let d = |n: &str| dir.join(n).to_str().expect("path").to_owned();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    tool(
+        "openssl",
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", &d("ca-key.pem"), "-out", &d("ca-cert.pem"), "-days", "30", "-subj", "/CN=vmvault test CA"],
+        ]
+        .concat(),
+    );
+    tool(
+        "openssl",
+        &[&["req"][..], &ec, &["-keyout", &d("server-key.pem"), "-out", &d("server.csr"), "-subj", "/CN=localhost"]]
+            .concat(),
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        .expect("write");
+    tool(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &d("server.csr"),
+            "-CA",
+            &d("ca-cert.pem"),
+            "-CAkey",
+            &d("ca-key.pem"),
+            "-CAcreateserial",
+            "-out",
+            &d("server-cert.pem"),
+            "-days",
+            "30",
+            "-extfile",
+            &d("ext.cnf"),
+        ],
+    );
+}
+
+#[test]
+fn tls_is_required_when_configured_and_works_with_qemu_and_libnbd() {
+    let env = Env::new();
+    let img = backed_up(&env);
+    let certs = env.path("pki");
+    make_certs(&certs);
+    let c = |n: &str| certs.join(n).to_str().expect("path").to_owned();
+    let srv = Server::start(&env, &["--tls-cert", &c("server-cert.pem"), "--tls-key", &c("server-key.pem")]);
+    let uri = srv.uri("web01@latest/xvda");
+    assert!(uri.starts_with("nbds://"), "{uri}");
+    let port = uri.trim_start_matches("nbds://127.0.0.1:").split('/').next().expect("port").to_owned();
+    // qemu-img over TLS sees the same bytes.
+    let out = tool(
+        "qemu-img",
+        &["compare", "--object", &format!("tls-creds-x509,id=tls0,dir={},endpoint=client", certs.display()),
+          "--image-opts", &format!("driver=raw,file.driver=file,file.filename={}", img.display()),
+          &format!("driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=web01@latest/xvda,file.tls-creds=tls0")],
+    );
+    assert!(out.contains("identical"), "{out}");
+    let info = tool("nbdinfo", &[&format!("{uri}?tls-certificates={}", certs.display())]);
+    assert!(info.contains("with TLS"), "{info}");
+    // Without TLS the client is told why it cannot have the export.
+    let plain = uri.replacen("nbds://", "nbd://", 1);
+    let out = Command::new("qemu-img").args(["info", &plain]).output().expect("qemu-img");
+    assert!(!out.status.success());
+    assert!(crate::util::text(&out).contains("TLS"), "{}", crate::util::text(&out));
+    srv.stop();
+    // Clear text on a non-loopback address needs --insecure; TLS makes it acceptable.
+    let e = env.fails(&["serve", "--listen", "0.0.0.0:0"]);
+    assert!(e.contains("--insecure"), "{e}");
+}
