@@ -7,26 +7,101 @@
 //! stored. Once `max_bytes` are cached, further blocks are served from the base uncached.
 //! Note that the file holds plaintext of what was read, like any page cache would.
 //!
-//! Threading: `Send + Sync`. A block is marked filled only after its bytes are in the file;
-//! two readers missing the same block may both fill it, with the same bytes.
+//! Threading: `Send + Sync`. Readers never write the file themselves: they hand the blocks
+//! they fetched to one writer thread (so cache writes do not contend on the file's inode
+//! lock) through a short queue, and wait only when the queue is full. A block is marked filled only after its bytes are in the
+//! file; two readers missing the same block may both fetch it.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use crate::{check_range, Allocation, BlockDev, Run};
+
+/// Spans queued to the writer thread at most (each up to a read's worth of blocks).
+const QUEUE: usize = 16;
+
+/// What the reader threads and the writer thread share.
+#[derive(Debug)]
+struct Shared {
+    file: File,
+    block: u64,
+    filled: Vec<AtomicU64>,
+    used: AtomicU64,
+}
+
+enum Job {
+    /// Bytes starting at a block boundary, and which of their blocks to store.
+    Store { start: u64, data: Vec<u8>, blocks: Vec<u64> },
+    /// Reply once everything queued before is written.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
 
 /// A caching layer over `B`; see the module docs.
 #[derive(Debug)]
 pub struct ReadCache<B> {
     base: B,
-    file: File,
-    block: u64,
-    filled: Vec<AtomicU64>,
-    used: AtomicU64,
+    shared: Arc<Shared>,
     max_bytes: u64,
+    queue: Mutex<Option<SyncSender<Job>>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Store { start, blocks, .. } => write!(f, "Store({start}, {} blocks)", blocks.len()),
+            Job::Barrier(_) => write!(f, "Barrier"),
+        }
+    }
+}
+
+impl Shared {
+    fn is_filled(&self, b: u64) -> bool {
+        self.filled[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0
+    }
+
+    /// Store blocks whose bytes were reserved in `used` when they were queued; give the
+    /// reservation back for blocks that end up not stored.
+    fn write(&self, start: u64, data: &[u8], blocks: &[u64]) {
+        for &b in blocks {
+            let s = b * self.block;
+            let from = (s - start) as usize;
+            let to = (from + self.block as usize).min(data.len());
+            // A failed cache write (disk full) only means the block stays uncached.
+            let stored = !self.is_filled(b) && self.file.write_all_at(&data[from..to], s).is_ok();
+            if stored {
+                self.filled[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::AcqRel);
+            } else {
+                self.used.fetch_sub(self.block, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn writer(shared: Arc<Shared>, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Store { start, data, blocks } => shared.write(start, &data, &blocks),
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+impl<B> Drop for ReadCache<B> {
+    fn drop(&mut self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
 }
 
 fn anonymous_file(dir: &Path) -> io::Result<File> {
@@ -56,54 +131,70 @@ impl<B: BlockDev> ReadCache<B> {
         file.set_len(base.len())?;
         let blocks = base.len().div_ceil(block);
         let filled = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Ok(Self { base, file, block, filled, used: AtomicU64::new(0), max_bytes })
+        let shared = Arc::new(Shared { file, block, filled, used: AtomicU64::new(0) });
+        let (tx, rx) = sync_channel(QUEUE);
+        let w = shared.clone();
+        let writer = std::thread::Builder::new().name("read-cache".into()).spawn(move || writer(w, rx))?;
+        Ok(Self { base, shared, max_bytes, queue: Mutex::new(Some(tx)), writer: Some(writer) })
+    }
+
+    /// Wait until every block handed to the writer so far is in the file (for tests and
+    /// measurements; reads never need it).
+    pub fn wait_idle(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self.sender().is_some_and(|q| q.send(Job::Barrier(tx)).is_ok());
+        if sent {
+            let _ = rx.recv();
+        }
+    }
+
+    fn sender(&self) -> Option<SyncSender<Job>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn base(&self) -> &B {
         &self.base
     }
 
-    /// Bytes held in the cache file.
+    /// Bytes held in the cache file (and queued for it).
     pub fn cached_bytes(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    fn is_filled(&self, b: u64) -> bool {
-        self.filled[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0
-    }
-
-    fn mark(&self, b: u64) {
-        let old = self.filled[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::AcqRel);
-        if old & (1 << (b % 64)) == 0 {
-            self.used.fetch_add(self.block, Ordering::Relaxed);
-        }
+        self.shared.used.load(Ordering::Relaxed)
     }
 
     /// Read blocks `first..end_block` from the base (one call, so the base can fetch in
     /// parallel), store the data runs, and copy the part inside `offset..` into `out`.
     fn fill(&self, first: u64, end_block: u64, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let start = first * self.block;
-        let end = (end_block * self.block).min(self.base.len());
+        let block = self.shared.block;
+        let start = first * block;
+        let end = (end_block * block).min(self.base.len());
         let mut whole = vec![0u8; (end - start) as usize];
         self.base.read_at(start, &mut whole)?;
-        let room = self.used.load(Ordering::Relaxed) + (end - start) <= self.max_bytes;
-        if room {
-            for b in first..end_block {
-                let (s, t) = (b * self.block, ((b + 1) * self.block).min(end));
-                let data = &whole[(s - start) as usize..(t - start) as usize];
-                // A zero run costs nothing to read again; keep the file sparse.
-                let run = self.base.allocation(s, t - s)?;
-                if run.kind == Allocation::Zero && run.len >= t - s {
-                    continue;
-                }
-                // A failed cache write (disk full) is not a read error.
-                if self.file.write_all_at(data, s).is_ok() {
-                    self.mark(b);
-                }
-            }
-        }
         let from = (offset - start) as usize;
         out.copy_from_slice(&whole[from..from + out.len()]);
+        let mut blocks = Vec::new();
+        for b in first..end_block {
+            let (s, t) = (b * block, ((b + 1) * block).min(end));
+            // A zero run costs nothing to read again; keep the file sparse.
+            let run = self.base.allocation(s, t - s)?;
+            if !(run.kind == Allocation::Zero && run.len >= t - s) {
+                blocks.push(b);
+            }
+        }
+        let bytes = blocks.len() as u64 * block;
+        let q = match self.sender() {
+            Some(q) if !blocks.is_empty() => q,
+            _ => return Ok(()),
+        };
+        // Reserve the room first, so concurrent readers cannot overshoot the limit together.
+        let reserved = self.shared.used.fetch_add(bytes, Ordering::Relaxed);
+        if reserved + bytes > self.max_bytes {
+            self.shared.used.fetch_sub(bytes, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Wait for room in the queue: every block read gets cached, at the writer's pace.
+        if q.send(Job::Store { start, data: whole, blocks }).is_err() {
+            self.shared.used.fetch_sub(bytes, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -118,17 +209,18 @@ impl<B: BlockDev> BlockDev for ReadCache<B> {
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
-            let b = pos / self.block;
-            let filled = self.is_filled(b);
+            let (block, shared) = (self.shared.block, &self.shared);
+            let b = pos / block;
+            let filled = shared.is_filled(b);
             // The run of blocks with the same filled state, up to the end of the read.
             let mut next = b + 1;
-            while next * self.block < end && self.is_filled(next) == filled {
+            while next * block < end && shared.is_filled(next) == filled {
                 next += 1;
             }
-            let upto = (next * self.block).min(end);
+            let upto = (next * block).min(end);
             let out = &mut buf[(pos - offset) as usize..(upto - offset) as usize];
             if filled {
-                self.file.read_exact_at(out, pos)?;
+                shared.file.read_exact_at(out, pos)?;
             } else {
                 match self.base.allocation(pos, upto - pos)? {
                     Run { kind: Allocation::Zero, len } => {

@@ -70,6 +70,7 @@ fn second_reads_come_from_the_cache_and_holes_are_not_stored() {
     let (b, content) = base(dir.path());
     let cache = ReadCache::new(b, dir.path(), BLOCK, u64::MAX).unwrap();
     assert_eq!(read_all(&cache).unwrap(), content);
+    cache.wait_idle();
     let after_first = cache.base().reads.load(Ordering::Relaxed);
     assert!(after_first > 0);
     // Blocks 0-4 and 12-20: 14 blocks of data are cached, the hole is not.
@@ -94,7 +95,9 @@ fn the_size_limit_holds_and_reads_stay_correct_beyond_it() {
     let (b, content) = base(dir.path());
     let cache = ReadCache::new(b, dir.path(), BLOCK, 3 * BLOCK).unwrap();
     assert_eq!(read_all(&cache).unwrap(), content);
+    cache.wait_idle();
     assert_eq!(read_all(&cache).unwrap(), content);
+    cache.wait_idle();
     assert!(cache.cached_bytes() <= 3 * BLOCK, "{}", cache.cached_bytes());
 }
 

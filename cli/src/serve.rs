@@ -257,7 +257,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
         );
     }
     let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(64).enable_all().build()?;
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(io_threads()).enable_all().build()?;
     let (exports, lock, session): (Arc<dyn Exports>, _, _) = match &args.image {
         Some(path) => {
             let dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(path)?);
@@ -344,4 +344,11 @@ fn session_dir(dir: &Path, session: Option<&str>) -> Result<PathBuf> {
     let path = dir.join(name);
     std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
     Ok(path)
+}
+
+/// Threads doing device I/O for requests (each holds up to a request's buffers): enough to
+/// keep every core decrypting and decompressing while others wait on storage, few enough to
+/// keep memory bounded.
+fn io_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16) * 4
 }

@@ -37,7 +37,7 @@ impl Default for Config {
         Self {
             max_connections: 64,
             max_in_flight: 64,
-            io_budget: 128 << 20,
+            io_budget: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             tls: None,
         }
