@@ -256,8 +256,11 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
             args.listen
         );
     }
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(io_threads()).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(io_threads())
+        .enable_all()
+        .build()?;
     let (exports, lock, session): (Arc<dyn Exports>, _, _) = match &args.image {
         Some(path) => {
             let dev: Arc<dyn BlockDev> = Arc::new(FileDev::open(path)?);

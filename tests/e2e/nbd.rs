@@ -330,3 +330,41 @@ fn tls_is_required_when_configured_and_works_with_qemu_and_libnbd() {
     let e = env.fails(&["serve", "--listen", "0.0.0.0:0"]);
     assert!(e.contains("--insecure"), "{e}");
 }
+
+/// Every file under `dir`, recursively.
+fn files_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            out.extend(files_in(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_damaged_chunk_is_an_io_error_never_wrong_data() {
+    let env = Env::new();
+    backed_up(&env);
+    // Flip a byte in every 4 KiB of every pack: every chunk fails authentication.
+    for pack in files_in(&env.repo().join("data")) {
+        let mut b = std::fs::read(&pack).expect("read pack");
+        for i in (100..b.len()).step_by(4096) {
+            b[i] ^= 0x40;
+        }
+        std::fs::write(&pack, b).expect("write pack");
+    }
+    let srv = Server::start(&env, &[]);
+    let uri = srv.uri("web01@latest/xvda");
+    let out = Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read 0 4M", &uri]).output().expect("qemu-io");
+    let all = crate::util::text(&out);
+    assert!(all.contains("Input/output error"), "expected EIO:\n{all}");
+    assert!(!all.contains("read 4194304/4194304"), "a damaged read succeeded:\n{all}");
+    // Zero extents need no chunk: they still read, and the server still serves.
+    let out = tool("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0 10M 1M", &uri]);
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+    srv.stop();
+}
