@@ -111,6 +111,16 @@ impl Client {
         assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC);
         (self.u32(), self.u64())
     }
+    /// One structured reply chunk: (flags, type, payload).
+    fn chunk(&mut self) -> (u16, u16, Vec<u8>) {
+        assert_eq!(self.u32(), STRUCTURED_REPLY_MAGIC);
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut p = vec![0u8; len as usize];
+        self.0.read_exact(&mut p).unwrap();
+        (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]), p)
+    }
     fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.0.read(&mut b), Ok(0) | Err(_))
@@ -266,13 +276,7 @@ fn structured_reads_send_holes_and_errors_in_chunks() {
     c.request(CMD_READ, 0, 5, SIZE as u64 / 2 - 4096, 8192);
     let mut chunks = Vec::new();
     loop {
-        assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC);
-        let mut h = [0u8; 16];
-        c.0.read_exact(&mut h).unwrap();
-        let (fl, kind) = (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]));
-        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let mut p = vec![0u8; len as usize];
-        c.0.read_exact(&mut p).unwrap();
+        let (fl, kind, p) = c.chunk();
         chunks.push((kind, u64::from_be_bytes(p[..8].try_into().unwrap()), p.len()));
         if fl & REPLY_FLAG_DONE != 0 {
             break;
@@ -284,14 +288,13 @@ fn structured_reads_send_holes_and_errors_in_chunks() {
     );
     // An error is a structured error chunk.
     c.request(CMD_READ, 0, 6, SIZE as u64, 1);
-    assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC);
-    let mut h = [0u8; 16];
-    c.0.read_exact(&mut h).unwrap();
-    assert_eq!(u16::from_be_bytes([h[2], h[3]]), REPLY_TYPE_ERROR);
-    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
-    let mut p = vec![0u8; len as usize];
-    c.0.read_exact(&mut p).unwrap();
+    let (fl, kind, p) = c.chunk();
+    assert_eq!((fl, kind), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR));
     assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EINVAL);
+    // With DF, one data chunk covers data and zeros alike.
+    c.request(CMD_READ, CMD_FLAG_DF, 7, SIZE as u64 / 2 - 4096, 8192);
+    let (fl, kind, p) = c.chunk();
+    assert_eq!((fl, kind, p.len()), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + 8192));
 }
 
 #[test]
