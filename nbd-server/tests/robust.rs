@@ -311,3 +311,37 @@ fn connections_beyond_the_cap_are_closed_and_slots_come_back() {
     std::thread::sleep(Duration::from_millis(200));
     still_serves(addr);
 }
+
+#[test]
+fn export_name_clients_get_size_flags_and_the_padding_they_asked_for() {
+    let addr = start();
+    for no_zeroes in [true, false] {
+        let mut c = Client::connect(addr);
+        c.send(&(if no_zeroes { 3u32 } else { 1 }).to_be_bytes());
+        c.option(OPT_EXPORT_NAME, b"ro");
+        assert_eq!(c.u64(), SIZE as u64);
+        let mut f = [0u8; 2];
+        c.0.read_exact(&mut f).unwrap();
+        assert_ne!(u16::from_be_bytes(f) & TF_READ_ONLY, 0);
+        if !no_zeroes {
+            let mut pad = [1u8; 124];
+            c.0.read_exact(&mut pad).unwrap();
+            assert_eq!(pad, [0u8; 124]);
+        }
+        c.request(CMD_READ, 0, 3, 10, 5);
+        assert_eq!(c.simple(), (0, 3));
+        let mut d = [0u8; 5];
+        c.0.read_exact(&mut d).unwrap();
+        assert_eq!(d, content()[10..15]);
+    }
+    // An unknown name cannot be answered with an error: the connection ends.
+    let mut c = Client::connect(addr);
+    c.send(&3u32.to_be_bytes());
+    c.option(OPT_EXPORT_NAME, b"nope");
+    assert!(c.is_closed());
+    // The empty name is the default export.
+    let mut c = Client::connect(addr);
+    c.send(&3u32.to_be_bytes());
+    c.option(OPT_EXPORT_NAME, b"");
+    assert_eq!(c.u64(), SIZE as u64);
+}
