@@ -368,3 +368,27 @@ fn a_damaged_chunk_is_an_io_error_never_wrong_data() {
     assert!(out.contains("read 1048576/1048576"), "{out}");
     srv.stop();
 }
+
+#[test]
+fn memory_images_are_served_read_only_even_on_a_writable_server() {
+    let env = Env::new();
+    env.init(&[]);
+    let img = disk(&env);
+    let mem = env.path("mem.img");
+    write_image(&mem, 16 << 20, &[(4096, &noise(9, 1 << 20))]);
+    env.ok(&["backup", "--vm", "m", &format!("xvda={}", img.display()), "--memory", mem.to_str().expect("path")]);
+    let ov = env.path("ov");
+    let srv = Server::start(&env, &["--writable", "--overlay-dir", ov.to_str().expect("path")]);
+    let info = tool("nbdinfo", &["--json", &srv.uri("m@latest/memory")]);
+    let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+    assert_eq!(info["exports"][0]["is_read_only"], true, "{info}");
+    let disk_info = tool("nbdinfo", &["--json", &srv.uri("m@latest/xvda")]);
+    let disk_info: serde_json::Value = serde_json::from_str(&disk_info).expect("json");
+    assert_eq!(disk_info["exports"][0]["is_read_only"], false);
+    assert_eq!(disk_info["exports"][0]["can_flush"], true);
+    assert_eq!(disk_info["exports"][0]["can_fast_zero"], true);
+    let copy = env.path("mem.copy");
+    tool("nbdcopy", &[&srv.uri("m@latest/memory"), copy.to_str().expect("path")]);
+    assert!(crate::util::same_file(&copy, &mem));
+    srv.stop();
+}
