@@ -4,6 +4,7 @@
 //! never a panic, and every allocation sized by on-disk values is capped.
 
 mod error;
+mod layout;
 pub mod lvm;
 pub mod partition;
 pub mod probe;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use blockdev::{BlockDev, SliceDev};
 
 pub use error::{Error, Result};
+pub use layout::{discover, Entry};
 pub use partition::{read_table, Partition, PartitionType, Scheme, Table};
 pub use probe::{probe, Content};
 

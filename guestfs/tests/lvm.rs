@@ -137,3 +137,25 @@ fn a_missing_disk_and_damaged_metadata_are_clear_errors() {
     let e = lvm::scan(&[d2]).unwrap_err().to_string();
     assert!(e.contains("CRC"), "{e}");
 }
+
+#[test]
+fn discover_names_partitions_and_logical_volumes_per_disk() {
+    let dir = fixture();
+    // Put an ext4 into LV "lin" (linear on disk1's partition, from its first extent) the way
+    // the machine notes describe: at partition start + pe_start.
+    let pvs = json(&dir.path().join("pvs.json"), "pv");
+    let at = 1_048_576 + num(&pvs[0]["pe_start"]);
+    let disk1 = dir.path().join("disk1.img");
+    let out = std::process::Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-L", "lin", "-E", &format!("offset={at}"), disk1.to_str().unwrap(), "40M"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let disks: Vec<(String, Arc<dyn BlockDev>)> = vec![
+        ("xvda".into(), Arc::new(FileDev::open(&disk1).unwrap())),
+        ("xvdb".into(), Arc::new(FileDev::open(dir.path().join("disk2.img")).unwrap())),
+    ];
+    let entries = guestfs::discover(&disks).unwrap();
+    let shown: Vec<String> = entries.iter().map(|e| format!("{e:?}")).collect();
+    assert_eq!(shown, ["xvda/vgt-lin (ext4)", "xvda/vgt-str (unknown)", "xvda/vgt-rest (unknown)"]);
+}
