@@ -4,6 +4,7 @@
 //! never a panic, and every allocation sized by on-disk values is capped.
 
 mod error;
+pub mod ext4;
 mod layout;
 pub mod lvm;
 pub mod partition;

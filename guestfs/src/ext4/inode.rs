@@ -1,0 +1,76 @@
+//! Inode records: type, permissions, owner, size, times with nanoseconds, links, flags, and
+//! the 60-byte `i_block` area (extent tree root, block map, inline data or a fast symlink).
+
+use crate::read::{le16, le32};
+
+/// A timestamp: seconds since the epoch (beyond 2038 through the extra epoch bits) and
+/// nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub ino: u32,
+    /// `st_mode`: file type bits and permissions.
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub links: u16,
+    pub flags: u32,
+    pub atime: Time,
+    pub ctime: Time,
+    pub mtime: Time,
+    /// Creation time, when the inode is large enough to hold it.
+    pub crtime: Option<Time>,
+    pub block: [u8; 60],
+}
+
+pub const EXTENTS_FL: u32 = 0x80000;
+pub const INLINE_DATA_FL: u32 = 0x1000_0000;
+
+fn time(b: &[u8], at: usize, extra: Option<usize>) -> Time {
+    let base = i64::from(le32(b, at) as i32);
+    match extra.filter(|&e| e + 4 <= b.len()) {
+        Some(e) => {
+            let x = le32(b, e);
+            Time { secs: base + (i64::from(x & 3) << 32), nanos: x >> 2 }
+        }
+        None => Time { secs: base, nanos: 0 },
+    }
+}
+
+impl Inode {
+    /// Parse an inode record of `b.len()` bytes (the superblock's inode size).
+    pub fn parse(ino: u32, b: &[u8]) -> Self {
+        let extra = if b.len() > 128 { usize::from(le16(b, 0x80)) } else { 0 };
+        // An extra field exists when the extra area reaches past its end.
+        let has = |end: usize| b.len() > 128 && 128 + extra >= end;
+        let x = |off: usize, end: usize| has(end).then_some(off);
+        Inode {
+            ino,
+            mode: le16(b, 0x00),
+            uid: u32::from(le16(b, 0x02)) | (u32::from(le16(b, 0x78)) << 16),
+            gid: u32::from(le16(b, 0x18)) | (u32::from(le16(b, 0x7A)) << 16),
+            size: u64::from(le32(b, 0x04)) | (u64::from(le32(b, 0x6C)) << 32),
+            links: le16(b, 0x1A),
+            flags: le32(b, 0x20),
+            ctime: time(b, 0x0C, x(0x84, 0x88)),
+            mtime: time(b, 0x10, x(0x88, 0x8C)),
+            atime: time(b, 0x08, x(0x8C, 0x90)),
+            crtime: has(0x98).then(|| time(b, 0x90, Some(0x94))),
+            block: b[0x28..0x28 + 60].try_into().unwrap_or([0; 60]),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.mode & 0xF000 == 0x4000
+    }
+
+    pub fn is_symlink(&self) -> bool {
+        self.mode & 0xF000 == 0xA000
+    }
+}

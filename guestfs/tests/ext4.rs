@@ -1,0 +1,96 @@
+//! The ext4 reader against debugfs (e2fsprogs): every inode of an image built by
+//! fixtures/make-ext4-image.sh from fixtures/make-tree.sh agrees with `debugfs stat`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use blockdev::{BlockDev, FileDev, SliceDev};
+use guestfs::ext4::{Ext4, Time};
+
+fn fixture(dir: &Path) -> (std::path::PathBuf, u64) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let tree = dir.join("tree");
+    let img = dir.join("disk.img");
+    let ok = Command::new(root.join("make-tree.sh")).arg(&tree).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let out = Command::new(root.join("make-ext4-image.sh")).arg(&tree).arg(&img).arg("64").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let offset = stdout.lines().last().unwrap().trim_start_matches("offset=").parse().unwrap();
+    (img, offset)
+}
+
+/// debugfs's `stat` of inodes 1..=n, as (ino, field → value) maps.
+fn debugfs_stats(img: &Path, offset: u64, n: u32) -> Vec<(u32, std::collections::HashMap<String, String>)> {
+    let cmds: String = (1..=n).map(|i| format!("stat <{i}>\n")).collect();
+    let cmdfile = img.with_extension("cmds");
+    std::fs::write(&cmdfile, cmds).unwrap();
+    let spec = format!("{}?offset={offset}", img.display());
+    let out = Command::new("debugfs").args(["-f", cmdfile.to_str().unwrap(), &spec]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut all = Vec::new();
+    for block in text.split("Inode: ").skip(1) {
+        let ino: u32 = block.split_whitespace().next().unwrap().parse().unwrap();
+        let mut m = std::collections::HashMap::new();
+        let words: Vec<&str> = block.split_whitespace().collect();
+        for w in words.windows(2) {
+            let key = w[0].trim_end_matches(':');
+            if ["Type", "Mode", "Flags", "User", "Group", "Size", "Links", "ctime", "atime", "mtime", "crtime"]
+                .contains(&key)
+                && w[0].ends_with(':')
+                && !m.contains_key(key)
+            {
+                m.insert(key.to_owned(), w[1].to_owned());
+            }
+        }
+        all.push((ino, m));
+    }
+    all
+}
+
+fn raw(t: Time) -> String {
+    let base = t.secs as u32;
+    let extra = (t.nanos << 2) | (((t.secs - i64::from(base as i32)) >> 32) as u32 & 3);
+    format!("0x{base:08x}:{extra:08x}")
+}
+
+#[test]
+fn every_inode_agrees_with_debugfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, offset) = fixture(dir.path());
+    let file: Arc<dyn BlockDev> = Arc::new(FileDev::open(&img).unwrap());
+    let len = file.len() - offset;
+    let fs = Ext4::open(Arc::new(SliceDev::new(file, offset, len).unwrap())).unwrap();
+    assert_eq!(fs.sb.block_size, 4096);
+    let stats = debugfs_stats(&img, offset, 600);
+    assert_eq!(stats.len(), 600);
+    let mut used = 0;
+    for (ino, m) in stats {
+        let i = fs.inode(ino).unwrap();
+        if i.links == 0 {
+            continue;
+        }
+        used += 1;
+        let ctx = format!("inode {ino}: {m:?} vs {i:?}");
+        assert_eq!(m["Mode"], format!("0{:03o}", i.mode & 0o7777), "{ctx}");
+        let kind = match i.mode & 0xF000 {
+            0x4000 => "directory",
+            0x8000 => "regular",
+            0xA000 => "symlink",
+            _ => "other",
+        };
+        assert_eq!(m["Type"], kind, "{ctx}");
+        assert_eq!(m["User"], i.uid.to_string(), "{ctx}");
+        assert_eq!(m["Group"], i.gid.to_string(), "{ctx}");
+        assert_eq!(m["Size"], i.size.to_string(), "{ctx}");
+        assert_eq!(m["Links"], i.links.to_string(), "{ctx}");
+        assert_eq!(m["Flags"], format!("0x{:x}", i.flags), "{ctx}");
+        assert_eq!(m["mtime"], raw(i.mtime), "{ctx}");
+        assert_eq!(m["ctime"], raw(i.ctime), "{ctx}");
+        assert_eq!(m["atime"], raw(i.atime), "{ctx}");
+        assert_eq!(m["crtime"], raw(i.crtime.unwrap()), "{ctx}");
+    }
+    assert!(used > 400, "only {used} inodes in use");
+    assert!(fs.inode(0).is_err() && fs.inode(fs.sb.inodes_count + 1).is_err());
+}
