@@ -20,6 +20,9 @@ pub enum Error {
     /// A valid structure this reader does not handle (e.g. LVM thin pools).
     #[error("{0}")]
     Unsupported(String),
+    /// A name that is not there.
+    #[error("{0}: not found")]
+    NotFound(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -40,6 +43,7 @@ impl From<Error> for io::Error {
             Error::Io { source, .. } => source,
             Error::Corrupt { .. } => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
             Error::Unsupported(_) => io::Error::new(io::ErrorKind::Unsupported, e.to_string()),
+            Error::NotFound(_) => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
         }
     }
 }

@@ -94,3 +94,74 @@ fn every_inode_agrees_with_debugfs() {
     assert!(used > 400, "only {used} inodes in use");
     assert!(fs.inode(0).is_err() && fs.inode(fs.sb.inodes_count + 1).is_err());
 }
+
+/// Every entry of the source tree, read back through the reader: type, permissions, size,
+/// mtime, file bytes, symlink targets, directory listings, hard links as one inode.
+fn compare_with_tree(fs: &Ext4, tree: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut seen_ino: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    let mut stack = vec![tree.to_path_buf()];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        let rel = dir.strip_prefix(tree).unwrap();
+        let d = fs.lookup(format!("/{}", rel.display()).as_bytes()).unwrap();
+        let mut ours: Vec<Vec<u8>> =
+            fs.read_dir(&d).unwrap().into_iter().map(|e| e.name).filter(|n| n != b"." && n != b"..").collect();
+        ours.retain(|n| !(rel.as_os_str().is_empty() && n == b"lost+found"));
+        ours.sort();
+        let mut theirs: Vec<Vec<u8>> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().as_bytes().to_vec()).collect();
+        theirs.sort();
+        assert_eq!(ours, theirs, "listing of {}", dir.display());
+        for name in theirs {
+            let path = dir.join(std::ffi::OsStr::from_bytes(&name));
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let inner = format!("/{}", path.strip_prefix(tree).unwrap().display());
+            let i = fs.lookup(inner.as_bytes()).unwrap();
+            assert_eq!(u32::from(i.mode), meta.mode(), "{inner}: mode");
+            assert_eq!(i.mtime.secs, meta.mtime(), "{inner}: mtime");
+            if let Some(&first) = seen_ino.get(&meta.ino()) {
+                assert_eq!(i.ino, first, "{inner}: a hard link must be the same inode");
+            }
+            seen_ino.insert(meta.ino(), i.ino);
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).unwrap();
+                assert_eq!(fs.read_link(&i).unwrap(), target.as_os_str().as_bytes(), "{inner}: target");
+            } else {
+                assert_eq!(i.size, meta.len(), "{inner}: size");
+                let data = blockdev::read_all(&fs.contents(&i).unwrap()).unwrap();
+                assert!(data == std::fs::read(&path).unwrap(), "{inner}: contents differ");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 400, "{checked}");
+}
+
+#[test]
+fn the_tree_reads_back_identically_ext4_and_ext2_with_block_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, offset) = fixture(dir.path());
+    let file: Arc<dyn BlockDev> = Arc::new(FileDev::open(&img).unwrap());
+    let len = file.len() - offset;
+    let fs = Ext4::open(Arc::new(SliceDev::new(file, offset, len).unwrap())).unwrap();
+    compare_with_tree(&fs, &dir.path().join("tree"));
+    let missing = fs.lookup(b"/etc/nope").unwrap_err();
+    assert!(matches!(missing, guestfs::Error::NotFound(_)), "{missing}");
+    // ext2 with 1 KiB blocks: block maps with double-indirect blocks for the 8 MiB file.
+    let e2 = dir.path().join("ext2.img");
+    std::fs::File::create(&e2).unwrap().set_len(80 << 20).unwrap();
+    let tree = dir.path().join("tree");
+    let out = Command::new("mke2fs")
+        .env("E2FSPROGS_FAKE_TIME", "1735603200")
+        .args(["-q", "-t", "ext2", "-b", "1024", "-d", tree.to_str().unwrap(), e2.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fs2 = Ext4::open(Arc::new(FileDev::open(&e2).unwrap())).unwrap();
+    assert_eq!(fs2.sb.block_size, 1024);
+    compare_with_tree(&fs2, &tree);
+}

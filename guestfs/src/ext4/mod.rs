@@ -1,7 +1,11 @@
 //! A read-only ext2/3/4 reader over [`BlockDev`], written here because `ext4-view` (0.9)
-//! exposes neither inode numbers nor timestamps and is not `Send`. This step: the
-//! superblock, the group descriptors and inode records; directories and file data follow.
+//! exposes neither inode numbers nor timestamps and is not `Send`: the superblock, group
+//! descriptors, inode records, extent trees and ext2/3 block maps, directories, symlinks,
+//! and file contents as devices.
 
+mod dir;
+mod extent;
+mod file;
 mod inode;
 mod superblock;
 
@@ -9,11 +13,19 @@ use std::sync::Arc;
 
 use blockdev::BlockDev;
 
+pub use dir::DirEntry;
+pub use extent::Run;
+pub use file::FileDev;
 pub use inode::{Inode, Time, EXTENTS_FL, INLINE_DATA_FL};
 pub use superblock::Superblock;
 
 use crate::error::{Error, Result};
 use crate::read::{array, le32, vec};
+
+/// Largest directory read into memory at once.
+const MAX_DIR: u64 = 256 << 20;
+/// The root directory's inode.
+pub const ROOT: u32 = 2;
 
 /// Largest group descriptor table read (a 16 TiB filesystem with 4 KiB blocks has 131 072
 /// groups: 8 MiB of 64-byte descriptors).
@@ -67,5 +79,58 @@ impl Ext4 {
             .ok_or_else(|| Error::corrupt("ext4 group descriptor", group, format!("inode table block {table}")))?;
         let b = vec(&*self.dev, at, size as usize, "an ext4 inode")?;
         Ok(Inode::parse(ino, &b))
+    }
+}
+
+impl Ext4 {
+    /// The contents of `inode` as a device (regular files, directories, slow symlinks).
+    pub fn contents(&self, inode: &Inode) -> Result<FileDev> {
+        if inode.flags & INLINE_DATA_FL != 0 {
+            // Up to 60 bytes live in i_block; longer inline data continues in an xattr.
+            if inode.size > 60 {
+                return Err(Error::Unsupported(format!("inode {}: inline data beyond 60 bytes", inode.ino)));
+            }
+            return Ok(FileDev::inline(self.dev.clone(), inode.block[..inode.size as usize].to_vec()));
+        }
+        let runs = extent::runs(&*self.dev, self.sb.block_size, inode)?;
+        Ok(FileDev::new(self.dev.clone(), self.sb.block_size, inode.size, runs))
+    }
+
+    /// The entries of directory `inode` (including `.` and `..`).
+    pub fn read_dir(&self, inode: &Inode) -> Result<Vec<DirEntry>> {
+        if !inode.is_dir() {
+            return Err(Error::Unsupported(format!("inode {} is not a directory", inode.ino)));
+        }
+        if inode.size > MAX_DIR {
+            return Err(Error::corrupt("ext4 directory", u64::from(inode.ino), format!("{} bytes", inode.size)));
+        }
+        let data = blockdev::read_all(&self.contents(inode)?).map_err(|e| Error::io("reading a directory", e))?;
+        dir::parse(&data, self.sb.block_size as usize, inode.ino)
+    }
+
+    /// The target of symlink `inode`.
+    pub fn read_link(&self, inode: &Inode) -> Result<Vec<u8>> {
+        if !inode.is_symlink() || inode.size > 65536 {
+            return Err(Error::Unsupported(format!("inode {} is not a symlink", inode.ino)));
+        }
+        // Fast symlinks keep the target in i_block (no extents, no blocks).
+        if inode.size < 60 && inode.flags & (EXTENTS_FL | INLINE_DATA_FL) == 0 {
+            return Ok(inode.block[..inode.size as usize].to_vec());
+        }
+        blockdev::read_all(&self.contents(inode)?).map_err(|e| Error::io("reading a symlink", e))
+    }
+
+    /// The inode at absolute `path` (`/etc/hostname`), without following symlinks.
+    pub fn lookup(&self, path: &[u8]) -> Result<Inode> {
+        let mut cur = self.inode(ROOT)?;
+        for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty()) {
+            let entries = self.read_dir(&cur)?;
+            let e = entries
+                .iter()
+                .find(|e| e.name == part)
+                .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(path).into_owned()))?;
+            cur = self.inode(e.ino)?;
+        }
+        Ok(cur)
     }
 }

@@ -1,0 +1,100 @@
+//! A regular file (or a directory's or symlink's data) inside ext4 as a [`BlockDev`]:
+//! random access through its block runs, holes and unwritten extents read as zeros and are
+//! reported as such by `allocation`.
+
+use std::io;
+use std::sync::Arc;
+
+use blockdev::{check_range, Allocation, BlockDev, Run as AllocRun};
+
+use super::extent::Run;
+
+/// File contents. Cheap to create once the runs are known; `Send + Sync`.
+pub struct FileDev {
+    dev: Arc<dyn BlockDev>,
+    block_size: u64,
+    size: u64,
+    runs: Vec<Run>,
+    /// Contents stored inside the inode (inline data, fast symlinks).
+    inline: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FileDev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ext4::FileDev({} bytes, {} runs)", self.size, self.runs.len())
+    }
+}
+
+impl FileDev {
+    pub(crate) fn new(dev: Arc<dyn BlockDev>, block_size: u64, size: u64, runs: Vec<Run>) -> Self {
+        Self { dev, block_size, size, runs, inline: None }
+    }
+
+    pub(crate) fn inline(dev: Arc<dyn BlockDev>, data: Vec<u8>) -> Self {
+        Self { dev, block_size: 4096, size: data.len() as u64, runs: Vec::new(), inline: Some(data) }
+    }
+
+    /// The run containing or following file block `b`: (index, whether it contains b).
+    fn find(&self, b: u64) -> (usize, bool) {
+        let i = self.runs.partition_point(|r| r.logical + r.len <= b);
+        (i, self.runs.get(i).is_some_and(|r| r.logical <= b))
+    }
+}
+
+impl BlockDev for FileDev {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        if let Some(data) = &self.inline {
+            buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+            return Ok(());
+        }
+        let bs = self.block_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (i, inside) = self.find(pos / bs);
+            let out_len = (buf.len() - done) as u64;
+            if !inside {
+                // A hole up to the next run (or the end of the read).
+                let next = self.runs.get(i).map_or(u64::MAX, |r| r.logical.saturating_mul(bs));
+                let n = (next - pos).min(out_len) as usize;
+                buf[done..done + n].fill(0);
+                done += n;
+                continue;
+            }
+            let r = &self.runs[i];
+            let within = pos - r.logical * bs;
+            let n = (r.len * bs - within).min(out_len) as usize;
+            if r.unwritten {
+                buf[done..done + n].fill(0);
+            } else {
+                let at = r.physical.checked_mul(bs).and_then(|p| p.checked_add(within));
+                let at = at.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "extent beyond 2^64"))?;
+                self.dev.read_at(at, &mut buf[done..done + n])?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<AllocRun> {
+        check_range(self.size, offset, 1)?;
+        let limit = max_len.min(self.size - offset);
+        if self.inline.is_some() {
+            return Ok(AllocRun { kind: Allocation::Data, len: limit });
+        }
+        let bs = self.block_size;
+        let (i, inside) = self.find(offset / bs);
+        let (kind, end) = match self.runs.get(i) {
+            Some(r) if inside && !r.unwritten => (Allocation::Data, (r.logical + r.len) * bs),
+            Some(r) if inside => (Allocation::Zero, (r.logical + r.len) * bs),
+            Some(r) => (Allocation::Zero, r.logical * bs),
+            None => (Allocation::Zero, u64::MAX),
+        };
+        Ok(AllocRun { kind, len: (end - offset).min(limit) })
+    }
+}
