@@ -101,7 +101,8 @@ pub struct RestoreArgs {
 
 #[derive(Args, Debug)]
 pub struct CatArgs {
-    /// What to print: VM@latest:STREAM, VM@ID:STREAM or ID:STREAM.
+    /// What to print: VM@latest:STREAM, VM@ID:STREAM or ID:STREAM; or a file inside the guest,
+    /// VM@latest:/DISK/VOLUME/PATH (see `vmvault ls`).
     what: String,
 }
 
@@ -193,6 +194,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Snapshots(a) => snapshots(&ctx, a),
         Command::Restore(a) => restore(&ctx, a),
         Command::Cat(a) => cat(&ctx, a),
+        Command::Ls(a) => crate::browse::ls(&ctx, a),
         Command::Check(a) => check(&ctx, a),
         Command::Stats => stats(&ctx),
         Command::Key(k) => key(&ctx, k),
@@ -411,8 +413,17 @@ fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
 }
 
 fn cat(ctx: &Ctx, a: CatArgs) -> Result<()> {
+    if a.what.contains(":/") {
+        let file = crate::browse::open_file(ctx, &a.what)?;
+        return write_out(&*file);
+    }
     let (store, map) = open_stream(ctx, &a.what, 256 << 20)?;
     let reader = StreamReader::new(store, map, ReadAhead::default());
+    write_out(&reader)
+}
+
+/// Copy a whole device to standard output.
+fn write_out(reader: &dyn BlockDev) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 4 << 20];
     let mut pos = 0u64;

@@ -1,6 +1,7 @@
 //! The `vmvault` command line. All work happens in the `archive` crate; this file parses
 //! arguments, asks for passphrases, shows progress and prints results.
 
+mod browse;
 mod commands;
 mod human;
 mod overlay;
@@ -50,8 +51,10 @@ pub enum Command {
     Snapshots(commands::SnapshotsArgs),
     /// Restore one stream of a snapshot to a file or block device (sparse).
     Restore(commands::RestoreArgs),
-    /// Write one stream of a snapshot to standard output.
+    /// Write one stream of a snapshot, or a file inside its disks, to standard output.
     Cat(commands::CatArgs),
+    /// List disks, volumes and files inside a snapshot (ext2/3/4, also on LVM), without mounting.
+    Ls(browse::LsArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(commands::CheckArgs),
     /// Logical versus stored bytes, dedup and compression ratios.

@@ -2,6 +2,7 @@
 
 mod basic;
 mod boot;
+mod browse;
 mod crash;
 mod nbd;
 mod util;
