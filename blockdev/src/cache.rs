@@ -207,9 +207,9 @@ impl<B: BlockDev> BlockDev for ReadCache<B> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         check_range(self.base.len(), offset, buf.len() as u64)?;
         let end = offset + buf.len() as u64;
+        let (block, shared) = (self.shared.block, &self.shared);
         let mut pos = offset;
         while pos < end {
-            let (block, shared) = (self.shared.block, &self.shared);
             let b = pos / block;
             let filled = shared.is_filled(b);
             // The run of blocks with the same filled state, up to the end of the read.

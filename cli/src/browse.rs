@@ -7,14 +7,12 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use archive::manifest::StreamKind;
-use archive::reader::{ReadAhead, StreamReader};
-use archive::store::ChunkStore;
 use blockdev::BlockDev;
 use clap::Args;
 use guestfs::ext4::{Ext4, Inode};
 use guestfs::{Content, Entry};
 
-use crate::commands::Ctx;
+use crate::commands::{chunk_store, stream_reader, Ctx};
 use crate::human;
 
 #[derive(Args, Debug)]
@@ -38,11 +36,10 @@ fn split(what: &str) -> Result<(&str, &str)> {
 fn open_guest(ctx: &Ctx, snap: &str) -> Result<Guest> {
     let repo = Arc::new(ctx.open()?);
     let entry = repo.resolve_snapshot(snap)?;
-    let store = Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(256)?), 64 << 20));
+    let store = chunk_store(&repo, 256, 64 << 20)?;
     let mut disks = Vec::new();
     for s in entry.snapshot.streams.iter().filter(|s| s.kind == StreamKind::Disk) {
-        let map = repo.load_stream_map(&s.map.parse()?)?;
-        let dev: Arc<dyn BlockDev> = Arc::new(StreamReader::new(store.clone(), map, ReadAhead::default()));
+        let dev: Arc<dyn BlockDev> = Arc::new(stream_reader(&repo, &store, s)?);
         disks.push((s.name.clone(), dev));
     }
     let entries = guestfs::discover(&disks)?;

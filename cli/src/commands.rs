@@ -11,7 +11,7 @@ use archive::backup::{BackupOptions, ParentChoice, Source};
 use archive::check::{CheckOptions, Severity};
 use archive::chunker::ChunkerParams;
 use archive::keyfile::KdfParams;
-use archive::manifest::{SnapshotEntry, StreamKind};
+use archive::manifest::{SnapshotEntry, StreamKind, StreamRef};
 use archive::progress::Progress;
 use archive::reader::{ReadAhead, StreamReader};
 use archive::restore::RestoreOptions;
@@ -359,6 +359,18 @@ fn split_what(what: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| anyhow!("{what:?}: expected SNAPSHOT:STREAM, e.g. web01@latest:xvda"))
 }
 
+/// A chunk store over the repository's index, keeping `index_pages` index pages and
+/// `cache_bytes` of decompressed chunks in memory.
+pub(crate) fn chunk_store(repo: &Arc<Repository>, index_pages: usize, cache_bytes: usize) -> Result<Arc<ChunkStore>> {
+    Ok(Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(index_pages)?), cache_bytes)))
+}
+
+/// A reader of one stream of a snapshot.
+pub(crate) fn stream_reader(repo: &Repository, store: &Arc<ChunkStore>, sref: &StreamRef) -> Result<StreamReader> {
+    let map = repo.load_stream_map(&sref.map.parse()?)?;
+    Ok(StreamReader::new(store.clone(), map, ReadAhead::default()))
+}
+
 fn open_stream(ctx: &Ctx, what: &str, cache: usize) -> Result<(Arc<ChunkStore>, archive::extents::StreamMap)> {
     let (snap, stream) = split_what(what)?;
     let repo = Arc::new(ctx.open()?);
@@ -368,8 +380,7 @@ fn open_stream(ctx: &Ctx, what: &str, cache: usize) -> Result<(Arc<ChunkStore>, 
         anyhow!("snapshot {} has no stream {stream:?} (it has: {})", entry.id.short(), names.join(", "))
     })?;
     let map = repo.load_stream_map(&sref.map.parse()?)?;
-    let index = Arc::new(repo.load_index(1024)?);
-    Ok((Arc::new(ChunkStore::new(repo, index, cache)), map))
+    Ok((chunk_store(&repo, 1024, cache)?, map))
 }
 
 fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<()> {

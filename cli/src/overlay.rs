@@ -7,13 +7,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use archive::backup::{BackupOptions, ParentChoice, Source};
 use archive::manifest::StreamKind;
 use archive::progress::Progress;
-use archive::reader::{ReadAhead, StreamReader};
-use archive::store::ChunkStore;
 use blockdev::overlay::{read_overlay_header, remove_overlay, OverlayHeader};
 use blockdev::{BlockDev, Overlay};
 use clap::{Args, Subcommand};
 
-use crate::commands::Ctx;
+use crate::commands::{chunk_store, stream_reader, Ctx};
 use crate::human;
 use crate::progress::Bar;
 
@@ -73,12 +71,37 @@ fn overlay_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The base of an overlay made by `serve`: (snapshot id hex, stream name).
-fn base_of(h: &OverlayHeader, path: &Path) -> Result<(String, String)> {
-    h.base_id
-        .split_once('/')
-        .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        .ok_or_else(|| anyhow!("{}: base {:?} is not SNAPSHOT/STREAM", path.display(), h.base_id))
+/// The base of an overlay made by `serve`, recorded in its header as `SNAPSHOT/STREAM`.
+pub(crate) struct OverlayBase {
+    /// Snapshot id, 64 hex digits.
+    pub snapshot: String,
+    pub stream: String,
+}
+
+impl OverlayBase {
+    /// The identity written into the overlay header.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.snapshot, self.stream)
+    }
+
+    fn of(h: &OverlayHeader, path: &Path) -> Result<Self> {
+        h.base_id
+            .split_once('/')
+            .map(|(a, b)| Self { snapshot: a.to_owned(), stream: b.to_owned() })
+            .ok_or_else(|| anyhow!("{}: base {:?} is not SNAPSHOT/STREAM", path.display(), h.base_id))
+    }
+}
+
+/// One overlay file, as `overlay list` shows it.
+#[derive(serde::Serialize)]
+struct Row {
+    path: PathBuf,
+    snapshot: String,
+    stream: String,
+    size: u64,
+    block_size: u32,
+    created: u64,
+    disk_usage: u64,
 }
 
 pub fn run(ctx: &Ctx, cmd: OverlayCommand) -> Result<()> {
@@ -93,24 +116,21 @@ fn list(ctx: &Ctx, a: ListArgs) -> Result<()> {
     let mut rows = Vec::new();
     for path in overlay_files(&[a.overlay_dir])? {
         let h = read_overlay_header(&path).with_context(|| format!("reading {}", path.display()))?;
-        let (snap, stream) = base_of(&h, &path)?;
-        let used = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)?;
-        rows.push(serde_json::json!({
-            "path": path, "snapshot": snap, "stream": stream, "size": h.size,
-            "block_size": h.block_size, "created": h.created, "disk_usage": used,
-        }));
+        let OverlayBase { snapshot, stream } = OverlayBase::of(&h, &path)?;
+        let disk_usage = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)?;
+        let (size, block_size, created) = (h.size, h.block_size, h.created);
+        rows.push(Row { path, snapshot, stream, size, block_size, created, disk_usage });
     }
     if ctx.json {
         return ctx.print_json(&rows);
     }
     for r in &rows {
-        let snap = r["snapshot"].as_str().unwrap_or_default();
         println!(
             "{}  base {}:{}  {} written",
-            r["path"].as_str().unwrap_or_default(),
-            &snap[..snap.len().min(8)],
-            r["stream"].as_str().unwrap_or_default(),
-            human::bytes(r["disk_usage"].as_u64().unwrap_or(0)),
+            r.path.display(),
+            &r.snapshot[..r.snapshot.len().min(8)],
+            r.stream,
+            human::bytes(r.disk_usage),
         );
     }
     Ok(())
@@ -121,23 +141,24 @@ fn commit(ctx: &Ctx, a: CommitArgs) -> Result<()> {
     let mut bases = Vec::new();
     for f in &files {
         let h = read_overlay_header(f).with_context(|| format!("reading {}", f.display()))?;
-        bases.push((f.clone(), base_of(&h, f)?, h.base_id));
+        bases.push((f, OverlayBase::of(&h, f)?));
     }
-    let Some(first) = bases.first() else { bail!("no overlay files found") };
-    let snap_hex = first.1 .0.clone();
-    if let Some(other) = bases.iter().find(|b| b.1 .0 != snap_hex) {
-        bail!("{} and {} overlay different snapshots; commit them one at a time", first.0.display(), other.0.display());
+    let Some((first, base)) = bases.first() else { bail!("no overlay files found") };
+    if let Some((other, _)) = bases.iter().find(|(_, b)| b.snapshot != base.snapshot) {
+        bail!("{} and {} overlay different snapshots; commit them one at a time", first.display(), other.display());
     }
     let repo = Arc::new(ctx.open()?);
-    let entry = repo.resolve_snapshot(&snap_hex)?;
-    let store = Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(1024)?), 64 << 20));
+    let entry = repo.resolve_snapshot(&base.snapshot)?;
+    if let Some((path, b)) = bases.iter().find(|(_, b)| entry.snapshot.stream(&b.stream).is_none()) {
+        bail!("snapshot {} has no disk {:?} for {}", entry.id.short(), b.stream, path.display());
+    }
+    let store = chunk_store(&repo, 1024, 64 << 20)?;
     let mut sources = Vec::new();
     for s in entry.snapshot.streams.iter().filter(|s| s.kind == StreamKind::Disk) {
-        let map = repo.load_stream_map(&s.map.parse()?)?;
-        let reader = StreamReader::new(store.clone(), map, ReadAhead::default());
-        let (dev, changed): (Box<dyn BlockDev>, _) = match bases.iter().find(|b| b.1 .1 == s.name) {
-            Some((path, _, base_id)) => {
-                let ov = Overlay::open(path, reader, Some(base_id), false)
+        let reader = stream_reader(&repo, &store, s)?;
+        let (dev, changed): (Box<dyn BlockDev>, _) = match bases.iter().find(|(_, b)| b.stream == s.name) {
+            Some((path, b)) => {
+                let ov = Overlay::open(path, reader, Some(&b.id()), false)
                     .with_context(|| format!("opening {}", path.display()))?;
                 let changed = ov.changed_ranges();
                 (Box::new(ov), changed)
@@ -145,9 +166,6 @@ fn commit(ctx: &Ctx, a: CommitArgs) -> Result<()> {
             None => (Box::new(reader), Vec::new()),
         };
         sources.push(Source { name: s.name.clone(), kind: s.kind, dev, changed: Some(changed) });
-    }
-    if let Some(b) = bases.iter().find(|b| entry.snapshot.stream(&b.1 .1).is_none()) {
-        bail!("snapshot {} has no disk {:?} for {}", entry.id.short(), b.1 .1, b.0.display());
     }
     let mut tags = entry.snapshot.tags.clone();
     tags.extend(a.tags);

@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use archive::id::SnapshotId;
 use archive::manifest::{SnapshotEntry, StreamKind};
-use archive::reader::{ReadAhead, StreamReader};
 use archive::store::ChunkStore;
 use archive::Repository;
 use blockdev::{BlockDev, FileDev, Overlay, ReadCache};
 use clap::Args;
 use nbd_server::{Event, Export, Exports, Listener, StaticExports};
 
-use crate::commands::Ctx;
+use crate::commands::{chunk_store, stream_reader, Ctx};
+use crate::overlay::OverlayBase;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -133,8 +133,7 @@ impl RepoExports {
 
     fn load_store(repo: &Arc<Repository>, cache: usize) -> Result<(Arc<ChunkStore>, HashSet<SnapshotId>)> {
         let known = repo.list_snapshots()?.into_iter().map(|e| e.id).collect();
-        let index = Arc::new(repo.load_index(256)?);
-        Ok((Arc::new(ChunkStore::new(repo.clone(), index, cache)), known))
+        Ok((chunk_store(repo, 256, cache)?, known))
     }
 
     /// The store whose index knows `id`'s chunks: snapshots newer than the server reload it.
@@ -154,8 +153,7 @@ impl RepoExports {
             return Ok(Some(e.clone()));
         }
         let Some(sref) = entry.snapshot.stream(stream) else { return Ok(None) };
-        let map = self.repo.load_stream_map(&sref.map.parse()?)?;
-        let reader = StreamReader::new(self.store_for(&entry.id)?, map, ReadAhead::default());
+        let reader = stream_reader(&self.repo, &self.store_for(&entry.id)?, sref)?;
         let base: Box<dyn BlockDev> = match &self.read_cache {
             Some((dir, max)) => Box::new(
                 ReadCache::new(reader, dir, READ_CACHE_BLOCK, *max)
@@ -167,7 +165,8 @@ impl RepoExports {
         let (dev, preferred): (Arc<dyn BlockDev>, u32) = match &self.overlays {
             Some((dir, block_size)) if sref.kind == StreamKind::Disk => {
                 let path = dir.join(format!("{}@{}.{stream}.ovl", entry.snapshot.vm, entry.id.short()));
-                let ov = open_overlay(&path, base, &format!("{}/{stream}", entry.id.to_hex()), *block_size)?;
+                let base_id = OverlayBase { snapshot: entry.id.to_hex(), stream: stream.to_owned() }.id();
+                let ov = open_overlay(&path, base, &base_id, *block_size)?;
                 description.push_str(&format!(", writes kept in {}", path.display()));
                 (Arc::new(ov), *block_size)
             }
@@ -243,14 +242,10 @@ impl Exports for RepoExports {
     }
 }
 
-fn is_loopback(a: &SocketAddr) -> bool {
-    a.ip().is_loopback()
-}
-
 pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
     let tls = tls_config(&args)?;
     let tls_required = tls.as_ref().is_some_and(|t| t.required);
-    if args.socket.is_none() && !is_loopback(&args.listen) && !tls_required && !args.insecure {
+    if args.socket.is_none() && !args.listen.ip().is_loopback() && !tls_required && !args.insecure {
         bail!(
             "{} is not a loopback address: use --tls-cert/--tls-key (TLS required), or --insecure to serve in clear text",
             args.listen

@@ -39,19 +39,16 @@ fn fail<T>(errno: u32, msg: &str) -> Result<T, Failure> {
     Err(Failure(errno, msg.to_owned()))
 }
 
-/// Execute `req` (with its WRITE payload) and return the encoded reply; `None` for DISC.
+/// Execute `req` (with its WRITE payload) and return the encoded reply (DISC never gets
+/// here: it has no reply).
 pub(crate) fn execute(n: &Negotiated, req: &Request, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     match run(n, req, payload, &mut out) {
-        Ok(()) if out.is_empty() => reply_ok(n, req.cookie),
+        // A reply without payload may be simple even when structured replies are on.
+        Ok(()) if out.is_empty() => simple_reply(req.cookie, 0).to_vec(),
         Ok(()) => out,
         Err(Failure(code, msg)) => reply_error(n, req.cookie, code, &msg),
     }
-}
-
-fn reply_ok(n: &Negotiated, cookie: u64) -> Vec<u8> {
-    let _ = n; // a simple reply is allowed for payload-less replies even with structured replies
-    simple_reply(cookie, 0).to_vec()
 }
 
 pub(crate) fn reply_error(n: &Negotiated, cookie: u64, code: u32, msg: &str) -> Vec<u8> {

@@ -51,6 +51,9 @@ struct State<'a> {
     no_zeroes: bool,
     /// The export name of the last SET_META_CONTEXT and whether it selected base:allocation.
     meta: Option<(String, bool)>,
+    /// The last export looked up and its name: SET_META_CONTEXT, INFO and GO usually name the
+    /// same one, and opening can cost catalogue I/O.
+    last: Option<(String, Arc<Export>)>,
 }
 
 enum Next {
@@ -86,7 +89,7 @@ pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
     tls: TlsState,
     no_zeroes: bool,
 ) -> io::Result<Outcome> {
-    let mut st = State { exports, shutdown, tls, structured: false, no_zeroes, meta: None };
+    let mut st = State { exports, shutdown, tls, structured: false, no_zeroes, meta: None, last: None };
     loop {
         let mut head = [0u8; 16];
         match s.read_exact(&mut head).await {
@@ -123,9 +126,22 @@ async fn reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, kind: u32, data: &
     s.flush().await
 }
 
-async fn open(exports: &Arc<dyn Exports>, name: &str) -> io::Result<Option<Arc<Export>>> {
-    let (exports, name) = (exports.clone(), name.to_owned());
-    tokio::task::spawn_blocking(move || exports.open(&name)).await.map_err(io::Error::other)?
+impl State<'_> {
+    /// The export called `name`, asking the catalogue (on a blocking thread) only when it
+    /// differs from the last one looked up.
+    async fn open(&mut self, name: &str) -> io::Result<Option<Arc<Export>>> {
+        if let Some((last, e)) = &self.last {
+            if last == name {
+                return Ok(Some(e.clone()));
+            }
+        }
+        let (exports, owned) = (self.exports.clone(), name.to_owned());
+        let found = tokio::task::spawn_blocking(move || exports.open(&owned)).await.map_err(io::Error::other)??;
+        if let Some(e) = &found {
+            self.last = Some((name.to_owned(), e.clone()));
+        }
+        Ok(found)
+    }
 }
 
 async fn option_step<S: AsyncRead + AsyncWrite + Unpin>(
@@ -149,7 +165,7 @@ async fn option_step<S: AsyncRead + AsyncWrite + Unpin>(
         OPT_EXPORT_NAME => {
             // No way to send an error: an unknown name ends the connection.
             let Ok(name) = parse_export_name(data) else { return Ok(Next::Close) };
-            let Some(export) = open(st.exports, &name).await? else { return Ok(Next::Close) };
+            let Some(export) = st.open(&name).await? else { return Ok(Next::Close) };
             let flags = export.transmission_flags(st.structured);
             s.write_all(&export_name_reply(export.dev.len(), flags, st.no_zeroes)).await?;
             s.flush().await?;
@@ -230,7 +246,7 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
         reply(s, option, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
         return Ok(Next::Continue);
     };
-    let export = match open(st.exports, &req.name).await {
+    let export = match st.open(&req.name).await {
         Ok(Some(e)) => e,
         Ok(None) => {
             let msg = format!("no export named {:?}", req.name);
@@ -275,7 +291,7 @@ async fn meta_context<S: AsyncRead + AsyncWrite + Unpin>(
     let Ok(req) = parse_meta_request(data) else {
         return reply(s, option, REP_ERR_INVALID, b"malformed meta context request").await;
     };
-    if !matches!(open(st.exports, &req.name).await, Ok(Some(_))) {
+    if !matches!(st.open(&req.name).await, Ok(Some(_))) {
         let msg = format!("no export named {:?}", req.name);
         return reply(s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await;
     }

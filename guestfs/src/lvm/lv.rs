@@ -31,12 +31,13 @@ impl std::fmt::Debug for LvDev {
 }
 
 impl LvDev {
-    /// Map `segments` (checked to tile the LV) onto `pvs` (device and pe_start per PV index).
+    /// Map `segments` (checked to tile the LV) onto `pvs` (device and pe_start per PV index;
+    /// `None` for a PV that is not present, which no segment may use).
     pub(crate) fn new(
         name: &str,
         extent_size: u64,
         segments: &[Segment],
-        pvs: &[(Arc<dyn BlockDev>, u64)],
+        pvs: &[Option<(Arc<dyn BlockDev>, u64)>],
     ) -> io::Result<Self> {
         let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, format!("LV {name}: {m}"));
         let mut mapped = Vec::new();
@@ -46,7 +47,8 @@ impl LvDev {
             let per_stripe = len / s.stripes.len() as u64;
             let mut stripes = Vec::new();
             for &(pv, pe) in &s.stripes {
-                let (dev, pe_start) = pvs.get(pv).ok_or_else(|| bad(format!("PV #{pv} missing")))?;
+                let (dev, pe_start) =
+                    pvs.get(pv).and_then(Option::as_ref).ok_or_else(|| bad(format!("PV #{pv} missing")))?;
                 let at = pe.checked_mul(extent_size).and_then(|b| b.checked_add(*pe_start));
                 let at = at.ok_or_else(|| bad("extent offset overflows".into()))?;
                 check_range(dev.len(), at, per_stripe).map_err(|_| bad(format!("extents past the end of PV #{pv}")))?;

@@ -41,22 +41,17 @@ impl Group {
             .lvs
             .iter()
             .find(|l| l.name == name)
-            .ok_or_else(|| Error::Unsupported(format!("VG {} has no LV {name}", self.vg.name)))?;
+            .ok_or_else(|| Error::NotFound(format!("LV {name} in VG {}", self.vg.name)))?;
         let segments = lv.layout.as_ref().map_err(|why| Error::Unsupported(format!("LV {name}: {why}")))?;
-        let mut pvs = Vec::new();
-        for (pv, dev) in self.vg.pvs.iter().zip(&self.devices) {
-            match dev {
-                Some(d) => pvs.push((d.clone(), pv.pe_start)),
-                None if segments.iter().any(|s| s.stripes.iter().any(|&(i, _)| self.vg.pvs[i].name == pv.name)) => {
-                    return Err(Error::Unsupported(format!(
-                        "LV {name} needs PV {} ({}), which is not on any disk of this snapshot",
-                        pv.name, pv.uuid
-                    )))
-                }
-                // Unused by this LV: a placeholder that is never read.
-                None => pvs.push((Arc::new(blockdev::MemDev::new(Vec::new())), 0)),
-            }
+        let used = |i: usize| segments.iter().any(|s| s.stripes.iter().any(|&(p, _)| p == i));
+        if let Some((_, pv)) = self.vg.pvs.iter().enumerate().find(|&(i, _)| used(i) && self.devices[i].is_none()) {
+            return Err(Error::Unsupported(format!(
+                "LV {name} needs PV {} ({}), which is not on any disk of this snapshot",
+                pv.name, pv.uuid
+            )));
         }
+        let pvs: Vec<_> =
+            self.vg.pvs.iter().zip(&self.devices).map(|(pv, dev)| dev.clone().map(|d| (d, pv.pe_start))).collect();
         LvDev::new(name, self.vg.extent_size, segments, &pvs).map_err(|e| Error::io(format!("LV {name}"), e))
     }
 }

@@ -86,12 +86,13 @@ fn utf16_name(b: &[u8]) -> String {
     String::from_utf16_lossy(&units)
 }
 
-pub(super) fn read(dev: &dyn BlockDev, sector: u64, warnings: &mut Vec<String>) -> Result<Option<Table>> {
+pub(super) fn read(dev: &dyn BlockDev, sector: u64) -> Result<Option<Table>> {
     let sectors = dev.len() / sector;
     if sectors < 3 {
         return Ok(None);
     }
     let last = sectors - 1;
+    let mut warnings = Vec::new();
     let (hdr, which) = match header(dev, 1, sector)? {
         Ok(h) => (h, "primary"),
         Err(why) => match header(dev, last, sector)? {
@@ -115,7 +116,7 @@ pub(super) fn read(dev: &dyn BlockDev, sector: u64, warnings: &mut Vec<String>) 
     if crc32fast::hash(&raw) != hdr.entries_crc {
         return Err(Error::corrupt("GPT entry array", at, format!("CRC mismatch ({which} header)")));
     }
-    let mut t = Table { scheme: Scheme::Gpt, sector_size: sector, partitions: Vec::new(), warnings: Vec::new() };
+    let mut t = Table { scheme: Scheme::Gpt, sector_size: sector, partitions: Vec::new(), warnings };
     for (i, e) in raw.chunks_exact(hdr.entry_size as usize).enumerate() {
         let type_guid = Guid(e[0..16].try_into().unwrap_or([0; 16]));
         if type_guid.is_zero() {

@@ -55,10 +55,8 @@ pub fn read_table(dev: &dyn BlockDev) -> Result<Option<Table>> {
     if dev.len() < 1024 {
         return Ok(None);
     }
-    let mut warnings = Vec::new();
     for sector in [512u64, 4096] {
-        if let Some(mut t) = gpt::read(dev, sector, &mut warnings)? {
-            t.warnings.splice(0..0, warnings);
+        if let Some(t) = gpt::read(dev, sector)? {
             return Ok(Some(t));
         }
     }
