@@ -145,3 +145,62 @@ impl BlockDev for StreamReader {
         Ok(Run { kind, len: end.min(limit) - offset })
     }
 }
+
+/// Opens any stream of any snapshot of a repository for reading, sharing one [`ChunkStore`]
+/// (and so one chunk cache) among them. Long-lived readers (NBD server, FUSE mount) see
+/// snapshots made after they started: asking for one reloads the index first.
+#[derive(Debug)]
+pub struct RepoReader {
+    repo: Arc<crate::Repository>,
+    index_pages: usize,
+    cache_bytes: usize,
+    /// The store, and the snapshots whose chunks its index is known to cover.
+    store: std::sync::Mutex<(Arc<ChunkStore>, std::collections::HashSet<crate::SnapshotId>)>,
+}
+
+impl RepoReader {
+    /// `index_pages` decrypted index pages and `cache_bytes` of decompressed chunks are
+    /// kept in memory.
+    pub fn new(repo: Arc<crate::Repository>, index_pages: usize, cache_bytes: usize) -> crate::Result<Self> {
+        let store = Self::load(&repo, index_pages, cache_bytes)?;
+        Ok(Self { repo, index_pages, cache_bytes, store: std::sync::Mutex::new(store) })
+    }
+
+    fn load(
+        repo: &Arc<crate::Repository>,
+        pages: usize,
+        cache: usize,
+    ) -> crate::Result<(Arc<ChunkStore>, std::collections::HashSet<crate::SnapshotId>)> {
+        // Snapshots listed before the index is loaded: their chunks are all in it.
+        let known = repo.list_snapshots()?.into_iter().map(|e| e.id).collect();
+        let store = Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(pages)?), cache));
+        Ok((store, known))
+    }
+
+    pub fn repo(&self) -> &Arc<crate::Repository> {
+        &self.repo
+    }
+
+    /// The store whose index covers snapshot `id`'s chunks.
+    pub fn store_for(&self, id: &crate::SnapshotId) -> crate::Result<Arc<ChunkStore>> {
+        let mut guard = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        if !guard.1.contains(id) {
+            *guard = Self::load(&self.repo, self.index_pages, self.cache_bytes)?;
+        }
+        Ok(guard.0.clone())
+    }
+
+    /// A reader of stream `name` of snapshot `entry`.
+    pub fn open(&self, entry: &crate::manifest::SnapshotEntry, name: &str) -> crate::Result<StreamReader> {
+        let sref = entry.snapshot.stream(name).ok_or_else(|| {
+            let names: Vec<&str> = entry.snapshot.streams.iter().map(|s| s.name.as_str()).collect();
+            crate::Error::Usage(format!(
+                "snapshot {} has no stream {name:?} (it has: {})",
+                entry.id.short(),
+                names.join(", ")
+            ))
+        })?;
+        let map = self.repo.load_stream_map(&sref.map.parse()?)?;
+        Ok(StreamReader::new(self.store_for(&entry.id)?, map, ReadAhead::default()))
+    }
+}

@@ -7,6 +7,7 @@ mod human;
 mod overlay;
 mod password;
 mod progress;
+mod restore_files;
 mod serve;
 mod stages;
 
@@ -55,6 +56,8 @@ pub enum Command {
     Cat(commands::CatArgs),
     /// List disks, volumes and files inside a snapshot (ext2/3/4, also on LVM), without mounting.
     Ls(browse::LsArgs),
+    /// Copy files or folders out of a snapshot's guest filesystems, keeping their metadata.
+    RestoreFiles(restore_files::RestoreFilesArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(commands::CheckArgs),
     /// Logical versus stored bytes, dedup and compression ratios.

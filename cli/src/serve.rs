@@ -1,21 +1,20 @@
 //! `vmvault serve`: every disk of every snapshot as an NBD export, read-only or with a
 //! copy-on-write overlay per export.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use archive::id::SnapshotId;
 use archive::manifest::{SnapshotEntry, StreamKind};
-use archive::store::ChunkStore;
+use archive::reader::RepoReader;
 use archive::Repository;
 use blockdev::{BlockDev, FileDev, Overlay, ReadCache};
 use clap::Args;
 use nbd_server::{Event, Export, Exports, Listener, StaticExports};
 
-use crate::commands::{chunk_store, stream_reader, Ctx};
+use crate::commands::Ctx;
 use crate::overlay::OverlayBase;
 
 #[derive(Args, Debug)]
@@ -96,13 +95,10 @@ fn tls_config(args: &ServeArgs) -> Result<Option<nbd_server::Tls>> {
 
 /// Exports backed by the repository, opened on first use and kept for the server's life.
 struct RepoExports {
-    repo: Arc<Repository>,
-    /// The chunk store and the snapshots its index covers (reloaded for newer snapshots).
-    store: Mutex<(Arc<ChunkStore>, HashSet<SnapshotId>)>,
+    reader: RepoReader,
     opened: Mutex<HashMap<String, Arc<Export>>>,
     default: Option<String>,
     overlays: Option<(PathBuf, u32)>,
-    cache_bytes: usize,
     /// Folder and per-export byte limit of the read cache.
     read_cache: Option<(PathBuf, u64)>,
 }
@@ -116,44 +112,26 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 
 impl RepoExports {
     fn new(repo: Arc<Repository>, args: &ServeArgs, session_dir: Option<PathBuf>) -> Result<Self> {
-        let cache_bytes = args.cache_mib << 20;
-        let store = Self::load_store(&repo, cache_bytes)?;
         Ok(Self {
-            repo,
-            store: Mutex::new(store),
+            reader: RepoReader::new(repo, 256, args.cache_mib << 20)?,
             opened: Mutex::new(HashMap::new()),
             default: args.export.clone(),
             overlays: session_dir.map(|d| (d, args.overlay_block_size)),
-            cache_bytes,
             read_cache: (!args.no_read_cache).then(|| {
                 (args.read_cache_dir.clone().unwrap_or_else(std::env::temp_dir), args.read_cache_max_mib << 20)
             }),
         })
     }
 
-    fn load_store(repo: &Arc<Repository>, cache: usize) -> Result<(Arc<ChunkStore>, HashSet<SnapshotId>)> {
-        let known = repo.list_snapshots()?.into_iter().map(|e| e.id).collect();
-        Ok((chunk_store(repo, 256, cache)?, known))
-    }
-
-    /// The store whose index knows `id`'s chunks: snapshots newer than the server reload it.
-    fn store_for(&self, id: &SnapshotId) -> Result<Arc<ChunkStore>> {
-        let mut guard = self.store.lock().unwrap_or_else(|e| e.into_inner());
-        if !guard.1.contains(id) {
-            *guard = Self::load_store(&self.repo, self.cache_bytes)?;
-        }
-        Ok(guard.0.clone())
-    }
-
     fn open_export(&self, name: &str) -> Result<Option<Arc<Export>>> {
         let Some((spec, stream)) = name.rsplit_once('/') else { return Ok(None) };
-        let entry = self.repo.resolve_snapshot(spec)?;
+        let entry = self.reader.repo().resolve_snapshot(spec)?;
         let canonical = format!("{}@{}/{stream}", entry.snapshot.vm, entry.id.to_hex());
         if let Some(e) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).get(&canonical) {
             return Ok(Some(e.clone()));
         }
         let Some(sref) = entry.snapshot.stream(stream) else { return Ok(None) };
-        let reader = stream_reader(&self.repo, &self.store_for(&entry.id)?, sref)?;
+        let reader = self.reader.open(&entry, stream)?;
         let base: Box<dyn BlockDev> = match &self.read_cache {
             Some((dir, max)) => Box::new(
                 ReadCache::new(reader, dir, READ_CACHE_BLOCK, *max)
@@ -196,7 +174,7 @@ fn open_overlay<B: BlockDev>(path: &Path, base: B, base_id: &str, block_size: u3
 
 impl Exports for RepoExports {
     fn list(&self) -> std::io::Result<Vec<(String, String)>> {
-        let entries = self.repo.list_snapshots().map_err(io_err)?;
+        let entries = self.reader.repo().list_snapshots().map_err(io_err)?;
         let mut out = Vec::new();
         let mut latest: HashMap<&str, &SnapshotEntry> = HashMap::new();
         for e in &entries {

@@ -1,22 +1,28 @@
 //! Guest disk contents, read in user space over [`blockdev::BlockDev`]: partition tables
-//! ([`partition`]), what each volume holds ([`probe`]), and (to come) LVM2 and the
-//! filesystems themselves. Read-only; no `unsafe`; any bytes give a value or an [`Error`],
+//! ([`partition`]), what each volume holds ([`probe`]), LVM2 ([`lvm`]), and the filesystems
+//! themselves behind one [`fs::FileSystem`] trait (ext2/3/4 in [`ext4`]); [`Guest`] ties
+//! them together for one VM snapshot. Read-only; no `unsafe`; any bytes give a value or an [`Error`],
 //! never a panic, and every allocation sized by on-disk values is capped.
 
 mod error;
 pub mod ext4;
+pub mod fs;
+mod guest;
 mod layout;
 pub mod lvm;
 pub mod partition;
 pub mod probe;
 mod read;
+mod rundev;
 
 use std::sync::Arc;
 
 use blockdev::{BlockDev, SliceDev};
 
 pub use error::{Error, Result};
+pub use guest::Guest;
 pub use layout::{discover, Entry};
+pub use rundev::{Run, RunDev};
 pub use partition::{read_table, Partition, PartitionType, Scheme, Table};
 pub use probe::{probe, Content};
 

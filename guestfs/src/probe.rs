@@ -89,17 +89,22 @@ pub fn probe(dev: &dyn BlockDev) -> Result<Content> {
 }
 
 /// ext2/3/4 from the superblock's feature flags (`sb` starts at the superblock).
-fn ext(sb: &[u8]) -> Content {
+/// 2, 3 or 4, from the features of an ext superblock (as blkid decides it).
+pub(crate) fn ext_version(sb: &[u8]) -> u8 {
     let (compat, incompat, ro) = (le32(sb, 0x5C), le32(sb, 0x60), le32(sb, 0x64));
     let journal = compat & 0x4 != 0;
     let beyond_ext3 = incompat & !(0x2 | 0x4 | 0x10) != 0 || ro & !(0x1 | 0x2 | 0x4) != 0;
-    let version = if beyond_ext3 {
+    if beyond_ext3 {
         4
     } else if journal {
         3
     } else {
         2
-    };
+    }
+}
+
+fn ext(sb: &[u8]) -> Content {
+    let version = ext_version(sb);
     let label = String::from_utf8_lossy(&sb[0x78..0x88]).trim_end_matches('\0').to_owned();
     Content::Ext { version, label }
 }

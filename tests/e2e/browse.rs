@@ -55,3 +55,29 @@ fn ls_and_cat_read_files_inside_the_backup() {
     let e = env.fails(&["cat", "web01@latest:/xvda/p1/etc"]);
     assert!(e.contains("not a regular file"), "{e}");
 }
+
+#[test]
+fn restore_files_gives_back_the_source_tree_with_its_metadata() {
+    let env = Env::new();
+    let tree = built(&env);
+    let out = env.path("out");
+    // The whole filesystem: every name, byte, mode, owner, time, symlink, hard link, FIFO and
+    // device node as in the tree the image was made from (lost+found is mke2fs's own).
+    env.ok(&["restore-files", "web01@latest:/xvda/p1", "--target", out.to_str().expect("utf-8")]);
+    let checks = crate::util::Checks { mode: true, owner: true, mtime: true, extra_ok: &["lost+found"] };
+    let diffs = crate::util::compare_trees(&tree, &out.join("p1"), checks);
+    assert!(diffs.is_empty(), "{diffs:#?}");
+    // One folder, kept under its own name; a second restore refuses to overwrite it.
+    env.ok(&["restore-files", "web01@latest:/xvda/p1/home/user", "-t", out.to_str().expect("utf-8")]);
+    let diffs = crate::util::compare_trees(&tree.join("home/user"), &out.join("user"), checks);
+    assert!(diffs.is_empty(), "{diffs:#?}");
+    let e = env.fails(&["restore-files", "web01@latest:/xvda/p1/home/user", "-t", out.to_str().expect("utf-8")]);
+    assert!(e.contains("already exists"), "{e}");
+    // A single file of zeros (a hole in the ext4, as mke2fs -d skips zero blocks) is
+    // restored as a hole.
+    env.ok(&["restore-files", "web01@latest:/xvda/p1/var/cache/blobs/zeros.bin", "-t", out.to_str().expect("utf-8")]);
+    let md = std::fs::metadata(out.join("zeros.bin")).expect("stat");
+    assert_eq!(md.len(), 1 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(md.blocks(), 0, "zeros.bin was written out instead of left as a hole");
+}

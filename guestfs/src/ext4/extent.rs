@@ -5,18 +5,10 @@
 use blockdev::BlockDev;
 
 use super::inode::{Inode, EXTENTS_FL};
+pub use crate::rundev::Run;
 use crate::error::{Error, Result};
 use crate::read::{le16, le32, vec};
 
-/// A run of blocks: file blocks `logical..logical + len` at device block `physical`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Run {
-    pub logical: u64,
-    pub physical: u64,
-    pub len: u64,
-    /// Allocated but never written: reads as zeros.
-    pub unwritten: bool,
-}
 
 /// Most runs kept for one file (a pathologically fragmented 16 TiB file would have more).
 const MAX_RUNS: usize = 1 << 22;

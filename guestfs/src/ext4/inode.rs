@@ -1,15 +1,10 @@
 //! Inode records: type, permissions, owner, size, times with nanoseconds, links, flags, and
-//! the 60-byte `i_block` area (extent tree root, block map, inline data or a fast symlink).
+//! the 60-byte `i_block` area (extent tree root, block map, inline data, a fast symlink or a
+//! device number). Times reach beyond 2038 through the extra epoch bits.
 
 use crate::read::{le16, le32};
 
-/// A timestamp: seconds since the epoch (beyond 2038 through the extra epoch bits) and
-/// nanoseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Time {
-    pub secs: i64,
-    pub nanos: u32,
-}
+pub use crate::fs::Time;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inode {
@@ -72,5 +67,16 @@ impl Inode {
 
     pub fn is_symlink(&self) -> bool {
         self.mode & 0xF000 == 0xA000
+    }
+
+    /// The device number of a character or block device node: the old 16-bit encoding in
+    /// `i_block[0]` when set, else the new 32-bit one in `i_block[1]` (as Linux reads it).
+    pub fn rdev(&self) -> (u32, u32) {
+        let old = le32(&self.block, 0);
+        if old != 0 {
+            return ((old >> 8) & 0xff, old & 0xff);
+        }
+        let new = le32(&self.block, 4);
+        ((new & 0xfff00) >> 8, (new & 0xff) | ((new >> 12) & 0xfff00))
     }
 }

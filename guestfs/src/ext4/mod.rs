@@ -5,7 +5,6 @@
 
 mod dir;
 mod extent;
-mod file;
 mod inode;
 mod superblock;
 
@@ -15,11 +14,12 @@ use blockdev::BlockDev;
 
 pub use dir::DirEntry;
 pub use extent::Run;
-pub use file::FileDev;
+pub use crate::rundev::RunDev as FileDev;
 pub use inode::{Inode, Time, EXTENTS_FL, INLINE_DATA_FL};
 pub use superblock::Superblock;
 
 use crate::error::{Error, Result};
+use crate::fs::{self, FileSystem, Kind, Stat};
 use crate::read::{array, le32, vec};
 
 /// Largest directory read into memory at once.
@@ -35,6 +35,8 @@ const MAX_GDT: u64 = 64 << 20;
 pub struct Ext4 {
     dev: Arc<dyn BlockDev>,
     pub sb: Superblock,
+    /// 2, 3 or 4.
+    version: u8,
     /// Inode table block of each group.
     inode_tables: Vec<u64>,
 }
@@ -47,7 +49,9 @@ impl std::fmt::Debug for Ext4 {
 
 impl Ext4 {
     pub fn open(dev: Arc<dyn BlockDev>) -> Result<Self> {
-        let sb = Superblock::parse(&array(&*dev, 1024, "the ext4 superblock")?)?;
+        let raw = array(&*dev, 1024, "the ext4 superblock")?;
+        let sb = Superblock::parse(&raw)?;
+        let version = crate::probe::ext_version(&raw);
         let groups = sb.groups();
         let gdt_bytes = groups * u64::from(sb.desc_size);
         if gdt_bytes > MAX_GDT {
@@ -60,7 +64,7 @@ impl Ext4 {
             .chunks_exact(usize::from(sb.desc_size))
             .map(|d| u64::from(le32(d, 0x08)) | if wide { u64::from(le32(d, 0x28)) << 32 } else { 0 })
             .collect();
-        Ok(Self { dev, sb, inode_tables })
+        Ok(Self { dev, sb, version, inode_tables })
     }
 
     /// Inode `ino` (1-based).
@@ -132,5 +136,87 @@ impl Ext4 {
             cur = self.inode(e.ino)?;
         }
         Ok(cur)
+    }
+}
+
+fn ino32(ino: u64) -> Result<u32> {
+    u32::try_from(ino).map_err(|_| Error::NotFound(format!("ext4 inode {ino}")))
+}
+
+fn kind_of(inode: &Inode) -> Result<Kind> {
+    Kind::from_mode(u32::from(inode.mode)).ok_or_else(|| {
+        Error::corrupt("ext4 inode", u64::from(inode.ino), format!("file type bits {:#o}", inode.mode & 0xF000))
+    })
+}
+
+/// Kind from a directory entry's type byte, without reading the inode.
+fn kind_of_entry(t: u8) -> Option<Kind> {
+    Some(match t {
+        1 => Kind::File,
+        2 => Kind::Dir,
+        3 => Kind::CharDevice,
+        4 => Kind::BlockDevice,
+        5 => Kind::Fifo,
+        6 => Kind::Socket,
+        7 => Kind::Symlink,
+        _ => return None,
+    })
+}
+
+impl FileSystem for Ext4 {
+    fn type_name(&self) -> String {
+        format!("ext{}", self.version)
+    }
+
+    fn root(&self) -> u64 {
+        u64::from(ROOT)
+    }
+
+    fn stat(&self, ino: u64) -> Result<Stat> {
+        let i = self.inode(ino32(ino)?)?;
+        let kind = kind_of(&i)?;
+        Ok(Stat {
+            ino,
+            kind,
+            perm: i.mode & 0o7777,
+            uid: i.uid,
+            gid: i.gid,
+            size: if matches!(kind, Kind::File | Kind::Dir | Kind::Symlink) { i.size } else { 0 },
+            nlink: u32::from(i.links),
+            atime: i.atime,
+            mtime: i.mtime,
+            ctime: i.ctime,
+            crtime: i.crtime,
+            rdev: matches!(kind, Kind::CharDevice | Kind::BlockDevice).then(|| i.rdev()),
+        })
+    }
+
+    fn read_dir(&self, ino: u64) -> Result<Vec<fs::DirEntry>> {
+        let dir = self.inode(ino32(ino)?)?;
+        let mut out = Vec::new();
+        for e in Ext4::read_dir(self, &dir)? {
+            if e.name == b"." || e.name == b".." {
+                continue;
+            }
+            let kind = match kind_of_entry(e.file_type) {
+                Some(k) => k,
+                // No type in the entry (ext2 without the filetype feature): ask the inode.
+                None => kind_of(&self.inode(e.ino)?)?,
+            };
+            out.push(fs::DirEntry { name: e.name, ino: u64::from(e.ino), kind });
+        }
+        Ok(out)
+    }
+
+    fn read_link(&self, ino: u64) -> Result<Vec<u8>> {
+        Ext4::read_link(self, &self.inode(ino32(ino)?)?)
+    }
+
+    fn open(&self, ino: u64) -> Result<Arc<dyn BlockDev>> {
+        let i = self.inode(ino32(ino)?)?;
+        if kind_of(&i)? != Kind::File {
+            return Err(Error::Unsupported(format!("ext4 inode {ino} is not a regular file")));
+        }
+        Ok(Arc::new(self.contents(&i)?))
     }
 }

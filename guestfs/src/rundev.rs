@@ -1,16 +1,25 @@
-//! A regular file (or a directory's or symlink's data) inside ext4 as a [`BlockDev`]:
-//! random access through its block runs, holes and unwritten extents read as zeros and are
-//! reported as such by `allocation`.
+//! A file's contents inside a guest filesystem as a [`BlockDev`], given where its blocks are
+//! (ext4 extents and block maps, FAT cluster chains, NTFS data runs): random access through
+//! the runs; holes and unwritten runs read as zeros and are reported as such by `allocation`.
 
 use std::io;
 use std::sync::Arc;
 
 use blockdev::{check_range, Allocation, BlockDev, Run as AllocRun};
 
-use super::extent::Run;
+
+/// A run of blocks: file blocks `logical..logical + len` at device block `physical`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub logical: u64,
+    pub physical: u64,
+    pub len: u64,
+    /// Allocated but never written: reads as zeros.
+    pub unwritten: bool,
+}
 
 /// File contents. Cheap to create once the runs are known; `Send + Sync`.
-pub struct FileDev {
+pub struct RunDev {
     dev: Arc<dyn BlockDev>,
     block_size: u64,
     size: u64,
@@ -19,13 +28,15 @@ pub struct FileDev {
     inline: Option<Vec<u8>>,
 }
 
-impl std::fmt::Debug for FileDev {
+impl std::fmt::Debug for RunDev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ext4::FileDev({} bytes, {} runs)", self.size, self.runs.len())
+        write!(f, "RunDev({} bytes, {} runs)", self.size, self.runs.len())
     }
 }
 
-impl FileDev {
+impl RunDev {
+    /// `runs` sorted by `logical`, not overlapping; block `b` of the file is at byte
+    /// `physical * block_size` of `dev`.
     pub(crate) fn new(dev: Arc<dyn BlockDev>, block_size: u64, size: u64, runs: Vec<Run>) -> Self {
         Self { dev, block_size, size, runs, inline: None }
     }
@@ -41,7 +52,7 @@ impl FileDev {
     }
 }
 
-impl BlockDev for FileDev {
+impl BlockDev for RunDev {
     fn len(&self) -> u64 {
         self.size
     }
