@@ -78,6 +78,9 @@ fn every_inode_agrees_with_debugfs() {
             0x4000 => "directory",
             0x8000 => "regular",
             0xA000 => "symlink",
+            0x2000 => "character",
+            0x6000 => "block",
+            0x1000 => "FIFO",
             _ => "other",
         };
         assert_eq!(m["Type"], kind, "{ctx}");
@@ -130,15 +133,34 @@ fn compare_with_tree(fs: &Ext4, tree: &Path) {
             } else if meta.file_type().is_symlink() {
                 let target = std::fs::read_link(&path).unwrap();
                 assert_eq!(fs.read_link(&i).unwrap(), target.as_os_str().as_bytes(), "{inner}: target");
-            } else {
+            } else if meta.is_file() {
                 assert_eq!(i.size, meta.len(), "{inner}: size");
                 let data = blockdev::read_all(&fs.contents(&i).unwrap()).unwrap();
                 assert!(data == std::fs::read(&path).unwrap(), "{inner}: contents differ");
+            } else {
+                // FIFOs and device nodes: the kind and the device number, through the
+                // filesystem-neutral view.
+                let st = guestfs::fs::FileSystem::stat(fs, u64::from(i.ino)).unwrap();
+                assert_eq!(st.mode(), meta.mode(), "{inner}: kind");
+                let ft = meta.file_type();
+                use std::os::unix::fs::FileTypeExt;
+                if ft.is_char_device() || ft.is_block_device() {
+                    let (ma, mi) = st.rdev.unwrap();
+                    assert_eq!(makedev(ma, mi), meta.rdev(), "{inner}: device number");
+                } else {
+                    assert!(st.rdev.is_none(), "{inner}");
+                }
             }
             checked += 1;
         }
     }
     assert!(checked > 400, "{checked}");
+}
+
+/// glibc's `makedev`.
+fn makedev(major: u32, minor: u32) -> u64 {
+    let (ma, mi) = (u64::from(major), u64::from(minor));
+    ((ma & 0xfffff000) << 32) | ((ma & 0xfff) << 8) | ((mi & 0xffffff00) << 12) | (mi & 0xff)
 }
 
 #[test]
