@@ -195,6 +195,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Restore(a) => restore(&ctx, a),
         Command::Cat(a) => cat(&ctx, a),
         Command::Ls(a) => crate::browse::ls(&ctx, a),
+        Command::Mount(a) => crate::mount::run(&ctx, a),
         Command::RestoreFiles(a) => crate::restore_files::run(&ctx, a),
         Command::Check(a) => check(&ctx, a),
         Command::Stats => stats(&ctx),

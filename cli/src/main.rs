@@ -4,6 +4,7 @@
 mod browse;
 mod commands;
 mod human;
+mod mount;
 mod overlay;
 mod password;
 mod progress;
@@ -56,6 +57,8 @@ pub enum Command {
     Cat(commands::CatArgs),
     /// List disks, volumes and files inside a snapshot (ext2/3/4, also on LVM), without mounting.
     Ls(browse::LsArgs),
+    /// Mount the repository read-only through FUSE: VMs, snapshots, disk images, guest files.
+    Mount(mount::MountArgs),
     /// Copy files or folders out of a snapshot's guest filesystems, keeping their metadata.
     RestoreFiles(restore_files::RestoreFilesArgs),
     /// Verify the repository's structure, and with --read-data every byte.

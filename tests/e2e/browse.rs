@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::util::Env;
 
-fn built(env: &Env) -> std::path::PathBuf {
+pub(crate) fn built(env: &Env) -> std::path::PathBuf {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
     let tree = env.path("tree");
     let img = env.path("disk.img");

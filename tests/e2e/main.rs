@@ -4,5 +4,6 @@ mod basic;
 mod boot;
 mod browse;
 mod crash;
+mod mount;
 mod nbd;
 mod util;

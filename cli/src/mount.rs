@@ -1,0 +1,66 @@
+//! `vmvault mount REPO MOUNTPOINT`: the repository as a read-only filesystem through FUSE
+//! (layout in `mount::tree`), in the foreground until Ctrl-C, SIGTERM or `fusermount3 -u`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use archive::reader::RepoReader;
+use clap::Args;
+
+use crate::commands::Ctx;
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// An empty folder to mount on.
+    mountpoint: PathBuf,
+    /// Decompressed-chunk cache in memory, in MiB.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: usize,
+    /// Threads answering the kernel. [default: 4 per core, 4 to 32]
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Let other users read (needs user_allow_other in /etc/fuse.conf unless root); the
+    /// guests' permission bits then apply to them.
+    #[arg(long)]
+    allow_other: bool,
+}
+
+pub fn run(ctx: &Ctx, a: MountArgs) -> Result<()> {
+    let repo = Arc::new(ctx.open()?);
+    let lock = repo.lock(archive::lock::LockKind::Shared, "mount")?;
+    let reader = Arc::new(RepoReader::new(repo.clone(), 1024, a.cache_mib << 20)?);
+    let mut opts = mount::Options { allow_other: a.allow_other, quiet: ctx.quiet, ..Default::default() };
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    let mounted = mount::mount(reader, &a.mountpoint, &opts)
+        .with_context(|| format!("mounting on {} (is fuse3 installed and the folder empty?)", a.mountpoint.display()))?;
+    println!("mounted {} on {}; Ctrl-C or `fusermount3 -u {}` unmounts", repo.path().display(), a.mountpoint.display(), a.mountpoint.display());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let signalled = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = int.recv() => return anyhow::Ok(true),
+                _ = term.recv() => return Ok(true),
+                _ = tick.tick() => if mounted.is_finished() { return Ok(false) },
+            }
+        }
+    })?;
+    if signalled {
+        mounted.unmount().context("unmounting")?;
+    } else {
+        mounted.wait()?;
+    }
+    if !ctx.quiet {
+        eprintln!("unmounted {}", a.mountpoint.display());
+    }
+    drop(lock);
+    Ok(())
+}
