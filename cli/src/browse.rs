@@ -60,7 +60,7 @@ pub fn locate(g: &Guest, path: &str) -> Result<Located> {
     let i = g.volume(disk, vol).ok_or_else(|| anyhow!("no volume {disk}/{vol} (see `vmvault ls SNAPSHOT:/{disk}`)"))?;
     if !g.browsable(i) {
         let what = g.volumes[i].content.as_ref().map_or_else(|e| format!("unreadable: {e}"), |c| c.name());
-        bail!("{disk}/{vol} holds {what}, which vmvault cannot browse (ext2/3/4 only so far)");
+        bail!("{disk}/{vol} holds {what}, which vmvault cannot browse (it reads ext2/3/4 and FAT)");
     }
     let fs = g.filesystem(i)?;
     let ino = guestfs::fs::resolve(&*fs, rest.as_bytes()).with_context(|| format!("in {disk}/{vol}"))?;

@@ -1,11 +1,12 @@
 //! Guest disk contents, read in user space over [`blockdev::BlockDev`]: partition tables
 //! ([`partition`]), what each volume holds ([`probe`]), LVM2 ([`lvm`]), and the filesystems
-//! themselves behind one [`fs::FileSystem`] trait (ext2/3/4 in [`ext4`]); [`Guest`] ties
+//! themselves behind one [`fs::FileSystem`] trait (ext2/3/4 in [`ext4`], FAT12/16/32 in [`fat`]); [`Guest`] ties
 //! them together for one VM snapshot. Read-only; no `unsafe`; any bytes give a value or an [`Error`],
 //! never a panic, and every allocation sized by on-disk values is capped.
 
 mod error;
 pub mod ext4;
+pub mod fat;
 pub mod fs;
 mod guest;
 mod layout;

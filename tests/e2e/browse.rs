@@ -81,3 +81,70 @@ fn restore_files_gives_back_the_source_tree_with_its_metadata() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(md.blocks(), 0, "zeros.bin was written out instead of left as a hole");
 }
+
+/// GPT (ext4, FAT32, swap) and MBR (ext4, logical FAT16) disks of one VM, read through
+/// `restore-files` and the FUSE mount, against mtools (FAT) and the source tree (ext4).
+#[test]
+fn fat_and_mbr_volumes_agree_with_mtools_and_the_tree() {
+    let env = Env::new();
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let tree = env.path("tree");
+    assert!(Command::new(fx.join("make-tree.sh")).arg(&tree).output().expect("make-tree").status.success());
+    let out = Command::new(fx.join("make-multi-image.sh")).arg(&tree).arg(env.path("img")).output().expect("mkimg");
+    assert!(out.status.success(), "{}", crate::util::text(&out));
+    let offsets = std::fs::read_to_string(env.path("img/offsets")).expect("offsets");
+    let offset = |img: &str, part: &str| -> String {
+        let l = offsets.lines().find(|l| l.starts_with(&format!("{img} {part} "))).expect("offset line");
+        l.rsplit(' ').next().expect("offset").to_owned()
+    };
+    env.init(&[]);
+    let (gpt, mbr) = (env.path("img/gpt.img"), env.path("img/mbr.img"));
+    env.ok(&["backup", "--vm", "multi", &format!("xvda={}", gpt.display()), &format!("xvdb={}", mbr.display())]);
+    let vols = env.ok(&["ls", "multi@latest:/xvda"]);
+    assert!(vols.contains("ext4") && vols.contains("fat32") && vols.contains("swap"), "{vols}");
+    assert!(env.ok(&["ls", "multi@latest:/xvdb"]).contains("p5/") && env.ok(&["ls", "multi@latest:/xvdb"]).contains("fat16"));
+
+    // The oracle: mtools copies everything out of each FAT, keeping modification times.
+    let mcopy_all = |img: &Path, off: &str, dest: &Path| {
+        std::fs::create_dir_all(dest).expect("mkdir");
+        let out = Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .env("TZ", "UTC")
+            .args(["-s", "-n", "-m", "-i", &format!("{}@@{off}", img.display()), "::/"])
+            .arg(dest)
+            .output()
+            .expect("mcopy");
+        assert!(out.status.success(), "{}", crate::util::text(&out));
+    };
+    let fat32 = env.path("oracle/fat32");
+    mcopy_all(&gpt, &offset("gpt.img", "p2"), &fat32);
+    let fat16 = env.path("oracle/fat16");
+    mcopy_all(&mbr, &offset("mbr.img", "p5"), &fat16);
+    // Contents and times; FAT keeps no owners or modes (files show 0644, folders 0755).
+    let checks = crate::util::Checks { mode: false, owner: false, mtime: true, extra_ok: &[] };
+    let restored = env.path("restored");
+    let t = restored.to_str().expect("utf-8");
+    env.ok(&["restore-files", "multi@latest:/xvda/p2", "-t", t]);
+    let diffs = crate::util::compare_trees(&fat32, &restored.join("p2"), checks);
+    assert!(diffs.is_empty(), "FAT32 restore vs mcopy: {diffs:#?}");
+    // Long, unicode names came through both ways, with the source bytes.
+    let doc = "user/documents/café-ünïcødé-日本語.txt";
+    assert_eq!(std::fs::read(restored.join("p2").join(doc)).expect("restored"), std::fs::read(tree.join("home").join(doc)).expect("src"));
+    let m = crate::mount::Mount::start(&env);
+    let files = m.at.join("multi/latest/files");
+    let diffs = crate::util::compare_trees(&fat32, &files.join("xvda/p2"), checks);
+    assert!(diffs.is_empty(), "FAT32 through FUSE vs mcopy: {diffs:#?}");
+    let diffs = crate::util::compare_trees(&fat16, &files.join("xvdb/p5"), checks);
+    assert!(diffs.is_empty(), "FAT16 through FUSE vs mcopy: {diffs:#?}");
+    // ext4 on the MBR disk: the whole tree with its metadata.
+    let full = crate::util::Checks { mode: true, owner: true, mtime: true, extra_ok: &["lost+found"] };
+    let diffs = crate::util::compare_trees(&tree, &files.join("xvdb/p1"), full);
+    assert!(diffs.is_empty(), "ext4 on MBR through FUSE: {diffs:#?}");
+    // Swap is shown raw, with its type named.
+    let p3 = files.join("xvda/p3");
+    assert_eq!(std::fs::read_to_string(p3.join("type.txt")).expect("type.txt"), "swap\n");
+    let raw = std::fs::read(p3.join("partition.img")).expect("partition.img");
+    let whole = std::fs::read(&gpt).expect("gpt.img");
+    let at: usize = offset("gpt.img", "p3").parse().expect("number");
+    assert!(raw == whole[at..at + raw.len()], "partition.img differs from the partition");
+}

@@ -10,13 +10,13 @@ use crate::browse::built;
 use crate::util::{compare_trees, same_file, Checks, Env};
 
 /// A running `vmvault mount`, unmounted (SIGTERM) when dropped.
-struct Mount {
-    child: Child,
-    at: PathBuf,
+pub(crate) struct Mount {
+    pub child: Child,
+    pub at: PathBuf,
 }
 
 impl Mount {
-    fn start(env: &Env) -> Self {
+    pub fn start(env: &Env) -> Self {
         let at = env.path("mnt");
         std::fs::create_dir_all(&at).expect("mkdir");
         let mut child = env
