@@ -15,8 +15,9 @@ use crate::commands::Ctx;
 pub struct MountArgs {
     /// An empty folder to mount on.
     mountpoint: PathBuf,
-    /// Decompressed-chunk cache in memory, in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Decompressed-chunk cache in memory, in MiB (file contents are also kept in the
+    /// kernel's page cache, which needs no budget here).
+    #[arg(long, default_value_t = 64)]
     cache_mib: usize,
     /// Threads answering the kernel. [default: 4 per core, 4 to 32]
     #[arg(long)]
@@ -30,7 +31,7 @@ pub struct MountArgs {
 pub fn run(ctx: &Ctx, a: MountArgs) -> Result<()> {
     let repo = Arc::new(ctx.open()?);
     let lock = repo.lock(archive::lock::LockKind::Shared, "mount")?;
-    let reader = Arc::new(RepoReader::new(repo.clone(), 1024, a.cache_mib << 20)?);
+    let reader = Arc::new(RepoReader::new(repo.clone(), 256, a.cache_mib << 20)?);
     let mut opts = mount::Options { allow_other: a.allow_other, quiet: ctx.quiet, ..Default::default() };
     if let Some(t) = a.threads {
         opts.threads = t;
