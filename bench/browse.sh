@@ -57,7 +57,7 @@ mkdir -p "$mnt" "$gmnt"
 mpid=
 cleanup() {
     fusermount3 -u "$mnt" 2>/dev/null || true
-    ((guestmount)) && { guestunmount "$gmnt" 2>/dev/null || true; }
+    ((guestmount)) && mountpoint -q "$gmnt" && { guestunmount "$gmnt" >/dev/null 2>&1 || true; }
     [[ -n $mpid ]] && wait "$mpid" 2>/dev/null || true
 }
 trap cleanup EXIT
