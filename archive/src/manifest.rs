@@ -93,3 +93,13 @@ pub struct SnapshotEntry {
     pub id: SnapshotId,
     pub snapshot: Snapshot,
 }
+
+impl SnapshotEntry {
+    /// Stream `name`, or a usage error naming the streams there are.
+    pub fn stream_ref(&self, name: &str) -> Result<&StreamRef> {
+        self.snapshot.stream(name).ok_or_else(|| {
+            let names: Vec<&str> = self.snapshot.streams.iter().map(|s| s.name.as_str()).collect();
+            Error::Usage(format!("snapshot {} has no stream {name:?} (it has: {})", self.id.short(), names.join(", ")))
+        })
+    }
+}

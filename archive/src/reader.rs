@@ -192,14 +192,7 @@ impl RepoReader {
 
     /// A reader of stream `name` of snapshot `entry`.
     pub fn open(&self, entry: &crate::manifest::SnapshotEntry, name: &str) -> crate::Result<StreamReader> {
-        let sref = entry.snapshot.stream(name).ok_or_else(|| {
-            let names: Vec<&str> = entry.snapshot.streams.iter().map(|s| s.name.as_str()).collect();
-            crate::Error::Usage(format!(
-                "snapshot {} has no stream {name:?} (it has: {})",
-                entry.id.short(),
-                names.join(", ")
-            ))
-        })?;
+        let sref = entry.stream_ref(name)?;
         let map = self.repo.load_stream_map(&sref.map.parse()?)?;
         Ok(StreamReader::new(self.store_for(&entry.id)?, map, ReadAhead::default()))
     }

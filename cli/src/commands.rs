@@ -11,7 +11,7 @@ use archive::backup::{BackupOptions, ParentChoice, Source};
 use archive::check::{CheckOptions, Severity};
 use archive::chunker::ChunkerParams;
 use archive::keyfile::KdfParams;
-use archive::manifest::{SnapshotEntry, StreamKind, StreamRef};
+use archive::manifest::{SnapshotEntry, StreamKind};
 use archive::progress::Progress;
 use archive::reader::{ReadAhead, StreamReader};
 use archive::restore::RestoreOptions;
@@ -367,20 +367,11 @@ pub(crate) fn chunk_store(repo: &Arc<Repository>, index_pages: usize, cache_byte
     Ok(Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(index_pages)?), cache_bytes)))
 }
 
-/// A reader of one stream of a snapshot.
-pub(crate) fn stream_reader(repo: &Repository, store: &Arc<ChunkStore>, sref: &StreamRef) -> Result<StreamReader> {
-    let map = repo.load_stream_map(&sref.map.parse()?)?;
-    Ok(StreamReader::new(store.clone(), map, ReadAhead::default()))
-}
-
 fn open_stream(ctx: &Ctx, what: &str, cache: usize) -> Result<(Arc<ChunkStore>, archive::extents::StreamMap)> {
     let (snap, stream) = split_what(what)?;
     let repo = Arc::new(ctx.open()?);
     let entry = repo.resolve_snapshot(snap)?;
-    let sref = entry.snapshot.stream(stream).ok_or_else(|| {
-        let names: Vec<&str> = entry.snapshot.streams.iter().map(|s| s.name.as_str()).collect();
-        anyhow!("snapshot {} has no stream {stream:?} (it has: {})", entry.id.short(), names.join(", "))
-    })?;
+    let sref = entry.stream_ref(stream)?;
     let map = repo.load_stream_map(&sref.map.parse()?)?;
     Ok((chunk_store(&repo, 1024, cache)?, map))
 }

@@ -36,24 +36,29 @@ pub fn run(ctx: &Ctx, a: MountArgs) -> Result<()> {
     if let Some(t) = a.threads {
         opts.threads = t;
     }
-    let mounted = mount::mount(reader, &a.mountpoint, &opts)
-        .with_context(|| format!("mounting on {} (is fuse3 installed and the folder empty?)", a.mountpoint.display()))?;
-    println!("mounted {} on {}; Ctrl-C or `fusermount3 -u {}` unmounts", repo.path().display(), a.mountpoint.display(), a.mountpoint.display());
+    let mounted = mount::mount(reader, &a.mountpoint, &opts).with_context(|| {
+        format!("mounting on {} (is fuse3 installed and the folder empty?)", a.mountpoint.display())
+    })?;
+    println!(
+        "mounted {} on {}; Ctrl-C or `fusermount3 -u {}` unmounts",
+        repo.path().display(),
+        a.mountpoint.display(),
+        a.mountpoint.display()
+    );
     use std::io::Write;
     std::io::stdout().flush()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let signalled = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                _ = int.recv() => return anyhow::Ok(true),
-                _ = term.recv() => return Ok(true),
-                _ = tick.tick() => if mounted.is_finished() { return Ok(false) },
+        let ended = async {
+            while !mounted.is_finished() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        };
+        tokio::select! {
+            _ = crate::serve::shutdown_signal() => true,
+            _ = ended => false,
         }
-    })?;
+    });
     if signalled {
         mounted.unmount().context("unmounting")?;
     } else {

@@ -11,7 +11,7 @@ use blockdev::overlay::{read_overlay_header, remove_overlay, OverlayHeader};
 use blockdev::{BlockDev, Overlay};
 use clap::{Args, Subcommand};
 
-use crate::commands::{chunk_store, stream_reader, Ctx};
+use crate::commands::Ctx;
 use crate::human;
 use crate::progress::Bar;
 
@@ -152,10 +152,10 @@ fn commit(ctx: &Ctx, a: CommitArgs) -> Result<()> {
     if let Some((path, b)) = bases.iter().find(|(_, b)| entry.snapshot.stream(&b.stream).is_none()) {
         bail!("snapshot {} has no disk {:?} for {}", entry.id.short(), b.stream, path.display());
     }
-    let store = chunk_store(&repo, 1024, 64 << 20)?;
+    let streams = archive::reader::RepoReader::new(repo.clone(), 1024, 64 << 20)?;
     let mut sources = Vec::new();
     for s in entry.snapshot.streams.iter().filter(|s| s.kind == StreamKind::Disk) {
-        let reader = stream_reader(&repo, &store, s)?;
+        let reader = streams.open(&entry, &s.name)?;
         let (dev, changed): (Box<dyn BlockDev>, _) = match bases.iter().find(|(_, b)| b.stream == s.name) {
             Some((path, b)) => {
                 let ov = Overlay::open(path, reader, Some(&b.id()), false)

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,7 +99,7 @@ impl Restorer<'_> {
                 }
             }
             Kind::File => {
-                self.copy_file(ino, st, dest)?;
+                self.copy_file(ino, dest)?;
                 self.tally.files += 1;
             }
             Kind::Symlink => {
@@ -134,9 +133,9 @@ impl Restorer<'_> {
     }
 
     /// Copy file contents, leaving holes where the guest file has them.
-    fn copy_file(&mut self, ino: u64, st: &Stat, dest: &Path) -> Result<()> {
+    fn copy_file(&mut self, ino: u64, dest: &Path) -> Result<()> {
         let src: Arc<dyn BlockDev> = self.fs.open(ino)?;
-        let mut out = File::create_new(dest).with_context(|| format!("creating {}", dest.display()))?;
+        let out = File::create_new(dest).with_context(|| format!("creating {}", dest.display()))?;
         let len = src.len();
         let mut pos = 0u64;
         while pos < len {
@@ -154,8 +153,7 @@ impl Restorer<'_> {
                 pos += n as u64;
             }
         }
-        out.set_len(st.size.max(len))?;
-        out.flush()?;
+        out.set_len(len)?;
         self.tally.bytes += len;
         Ok(())
     }

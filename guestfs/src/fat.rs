@@ -137,6 +137,14 @@ struct Short {
     raw: [u8; 32],
 }
 
+impl Short {
+    /// The first cluster's high half exists only on FAT32 (elsewhere the field is reserved).
+    fn parse(raw: [u8; 32], bits: Bits) -> Self {
+        let cluster_hi = if bits == Bits::Fat32 { u32::from(le16(&raw, 20)) << 16 } else { 0 };
+        Short { attr: raw[11], cluster: cluster_hi | u32::from(le16(&raw, 26)), size: le32(&raw, 28), raw }
+    }
+}
+
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -152,7 +160,8 @@ fn fat_time(date: u16, time: u16, centis: u8) -> Time {
     if date == 0 {
         return Time::default();
     }
-    let (y, m, d) = (1980 + i64::from(date >> 9), i64::from((date >> 5) & 0xF).clamp(1, 12), i64::from(date & 0x1F).max(1));
+    let (y, m, d) =
+        (1980 + i64::from(date >> 9), i64::from((date >> 5) & 0xF).clamp(1, 12), i64::from(date & 0x1F).max(1));
     let (h, mi, s) = (i64::from(time >> 11), i64::from((time >> 5) & 0x3F), i64::from(time & 0x1F) * 2);
     let extra = u32::from(centis.min(199));
     Time {
@@ -227,11 +236,9 @@ impl Fat {
         };
         match v {
             v if v >= eoc => Ok(None),
-            v if v == bad_c || v < 2 || v - 2 >= self.geometry.cluster_count => Err(Error::corrupt(
-                "FAT cluster chain",
-                u64::from(c),
-                format!("cluster {c} links to {v:#x}"),
-            )),
+            v if v == bad_c || v < 2 || v - 2 >= self.geometry.cluster_count => {
+                Err(Error::corrupt("FAT cluster chain", u64::from(c), format!("cluster {c} links to {v:#x}")))
+            }
             v => Ok(Some(v)),
         }
     }
@@ -276,8 +283,7 @@ impl Fat {
             return Err(Error::NotFound(format!("FAT node {ino}")));
         }
         let raw: [u8; 32] = array(&*self.dev, ino, "a FAT directory entry")?;
-        let cluster_hi = if self.geometry.bits == Bits::Fat32 { u32::from(le16(&raw, 20)) << 16 } else { 0 };
-        Ok(Short { attr: raw[11], cluster: cluster_hi | u32::from(le16(&raw, 26)), size: le32(&raw, 28), raw })
+        Ok(Short::parse(raw, self.geometry.bits))
     }
 
     /// The bytes of directory `ino` and the device offset of each of its clusters' start
@@ -363,9 +369,7 @@ impl Fat {
                 continue;
             }
             let node = where_is(k as u64 * 32);
-            let cluster_hi = if self.geometry.bits == Bits::Fat32 { u32::from(le16(&raw, 20)) << 16 } else { 0 };
-            let short = Short { attr, cluster: cluster_hi | u32::from(le16(&raw, 26)), size: le32(&raw, 28), raw };
-            out.push((name, node, short));
+            out.push((name, node, Short::parse(raw, self.geometry.bits)));
         }
         Ok(out)
     }

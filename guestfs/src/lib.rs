@@ -23,9 +23,9 @@ use blockdev::{BlockDev, SliceDev};
 pub use error::{Error, Result};
 pub use guest::Guest;
 pub use layout::{discover, Entry};
-pub use rundev::{Run, RunDev};
 pub use partition::{read_table, Partition, PartitionType, Scheme, Table};
 pub use probe::{probe, Content};
+pub use rundev::{Run, RunDev};
 
 /// A volume found on a disk: a partition, or the whole disk when it has no table.
 pub struct Volume {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use blockdev::{check_range, Allocation, BlockDev, Run as AllocRun};
 
-
 /// A run of blocks: file blocks `logical..logical + len` at device block `physical`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {

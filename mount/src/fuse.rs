@@ -14,8 +14,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use blockdev::{Allocation, BlockDev};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, Request,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, Request,
 };
 use guestfs::fs::{Kind, Stat, Time};
 
@@ -91,13 +91,7 @@ fn attr(st: &Stat) -> FileAttr {
 
 impl Fs {
     pub(crate) fn new(tree: Tree, quiet: bool) -> Self {
-        Self {
-            tree,
-            files: Mutex::default(),
-            dirs: Mutex::default(),
-            next_fh: AtomicU64::new(1),
-            quiet,
-        }
+        Self { tree, files: Mutex::default(), dirs: Mutex::default(), next_fh: AtomicU64::new(1), quiet }
     }
 
     fn ttl(&self, ino: u64) -> Duration {
@@ -202,9 +196,8 @@ impl Filesystem for Fs {
             Ok(dev) => {
                 let fh = self.handle();
                 self.files.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, dev);
-                // Contents never change: keep the page cache across opens.
-                let keep = if self.tree.is_volatile(ino.0) { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
-                reply.opened(FileHandle(fh), keep);
+                // Files (all inside snapshots) never change: keep the page cache across opens.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
             Err(e) => reply.error(self.errno("open", ino.0, e)),
         }
@@ -253,7 +246,8 @@ impl Filesystem for Fs {
             Ok(list) => {
                 let fh = self.handle();
                 self.dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(list));
-                let keep = if self.tree.is_volatile(ino.0) { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
+                let keep =
+                    if self.tree.is_volatile(ino.0) { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
                 reply.opened(FileHandle(fh), keep | FopenFlags::FOPEN_CACHE_DIR);
             }
             Err(e) => reply.error(self.errno("opendir", ino.0, e)),

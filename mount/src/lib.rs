@@ -59,8 +59,8 @@ impl Mounted {
 
 /// Mount the repository `reader` reads at `mountpoint`, served by background threads.
 pub fn mount(reader: Arc<RepoReader>, mountpoint: &Path, opts: &Options) -> std::io::Result<Mounted> {
-    let uid = rustix_uid();
-    let tree = Tree::new(reader, uid.0, uid.1).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    let tree = Tree::new(reader, uid, gid);
     let fs = fuse::Fs::new(tree, opts.quiet);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -80,11 +80,4 @@ pub fn mount(reader: Arc<RepoReader>, mountpoint: &Path, opts: &Options) -> std:
     let unmounter = session.unmount_callable();
     let thread = std::thread::Builder::new().name("vmvault-fuse".into()).spawn(move || session.run())?;
     Ok(Mounted { unmounter, thread })
-}
-
-/// The real user and group of this process: owner of the made-up nodes.
-fn rustix_uid() -> (u32, u32) {
-    use std::os::unix::fs::MetadataExt;
-    // The owner of /proc/self is the process's effective user and group.
-    std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
 }

@@ -92,6 +92,8 @@ struct Snap {
     time: Time,
     /// Readers of its streams, opened on first use.
     streams: Mutex<HashMap<String, Arc<dyn BlockDev>>>,
+    /// `vm.json`, made on first use.
+    json: OnceLock<Vec<u8>>,
     guest: OnceLock<std::result::Result<Arc<Guest>, String>>,
 }
 
@@ -151,11 +153,14 @@ fn parse_time(s: &str) -> Time {
 
 /// `2026-11-22T03:00:00Z`: snapshot folders are named to the second.
 fn folder_time(t: Time) -> String {
-    jiff::Timestamp::from_second(t.secs).map_or_else(|_| t.secs.to_string(), |ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+    jiff::Timestamp::from_second(t.secs)
+        .map_or_else(|_| t.secs.to_string(), |ts| ts.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
 
 impl Tree {
-    pub fn new(reader: Arc<RepoReader>, uid: u32, gid: u32) -> Result<Self> {
+    /// The tree of `reader`'s repository; made-up nodes belong to `uid:gid`. Nothing is read
+    /// until the first listing.
+    pub fn new(reader: Arc<RepoReader>, uid: u32, gid: u32) -> Self {
         let tree = Self {
             reader,
             catalogue: RwLock::default(),
@@ -166,8 +171,7 @@ impl Tree {
             mounted: now(),
         };
         tree.intern(Node::Root); // inode 1
-        tree.refresh(true)?;
-        Ok(tree)
+        tree
     }
 
     /// Re-read the snapshot list if it is older than [`REFRESH`] (or always with `force`).
@@ -194,6 +198,7 @@ impl Tree {
                         time,
                         entry: e,
                         streams: Mutex::default(),
+                        json: OnceLock::new(),
                         guest: OnceLock::new(),
                     }));
                     let i = c.snaps.len() - 1;
@@ -295,14 +300,16 @@ impl Tree {
         g.clone().map_err(Error::Io)
     }
 
-    fn manifest_json(s: &Snap) -> Vec<u8> {
-        let mut v = serde_json::to_value(&s.entry.snapshot).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("id".into(), s.entry.id.to_hex().into());
-        }
-        let mut b = serde_json::to_vec_pretty(&v).unwrap_or_default();
-        b.push(b'\n');
-        b
+    fn manifest_json(s: &Snap) -> &[u8] {
+        s.json.get_or_init(|| {
+            let mut v = serde_json::to_value(&s.entry.snapshot).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("id".into(), s.entry.id.to_hex().into());
+            }
+            let mut b = serde_json::to_vec_pretty(&v).unwrap_or_default();
+            b.push(b'\n');
+            b
+        })
     }
 
     fn volume_type(g: &Guest, vol: usize) -> Vec<u8> {
@@ -441,7 +448,10 @@ impl Tree {
                 out
             }
             Node::RawVolume(i, v) => {
-                vec![file("partition.img".into(), Node::VolumeImg(i, v)), file("type.txt".into(), Node::VolumeType(i, v))]
+                vec![
+                    file("partition.img".into(), Node::VolumeImg(i, v)),
+                    file("type.txt".into(), Node::VolumeType(i, v)),
+                ]
             }
             _ => return Err(Error::Invalid),
         })
@@ -495,7 +505,7 @@ impl Tree {
             return Ok(fs.open(ino & GUEST_MASK)?);
         }
         Ok(match self.node(ino)? {
-            Node::VmJson(i) => Arc::new(MemDev::new(Self::manifest_json(&*self.snap(i)?))),
+            Node::VmJson(i) => Arc::new(MemDev::new(Self::manifest_json(&*self.snap(i)?).to_vec())),
             Node::Disk(i, name) | Node::Memory(i, name) => self.stream(&*self.snap(i)?, &name)?,
             Node::VolumeImg(i, v) => {
                 let g = self.guest(&*self.snap(i)?)?;

@@ -102,7 +102,10 @@ fn fat_and_mbr_volumes_agree_with_mtools_and_the_tree() {
     env.ok(&["backup", "--vm", "multi", &format!("xvda={}", gpt.display()), &format!("xvdb={}", mbr.display())]);
     let vols = env.ok(&["ls", "multi@latest:/xvda"]);
     assert!(vols.contains("ext4") && vols.contains("fat32") && vols.contains("swap"), "{vols}");
-    assert!(env.ok(&["ls", "multi@latest:/xvdb"]).contains("p5/") && env.ok(&["ls", "multi@latest:/xvdb"]).contains("fat16"));
+    assert!(
+        env.ok(&["ls", "multi@latest:/xvdb"]).contains("p5/")
+            && env.ok(&["ls", "multi@latest:/xvdb"]).contains("fat16")
+    );
 
     // The oracle: mtools copies everything out of each FAT, keeping modification times.
     let mcopy_all = |img: &Path, off: &str, dest: &Path| {
@@ -129,7 +132,10 @@ fn fat_and_mbr_volumes_agree_with_mtools_and_the_tree() {
     assert!(diffs.is_empty(), "FAT32 restore vs mcopy: {diffs:#?}");
     // Long, unicode names came through both ways, with the source bytes.
     let doc = "user/documents/café-ünïcødé-日本語.txt";
-    assert_eq!(std::fs::read(restored.join("p2").join(doc)).expect("restored"), std::fs::read(tree.join("home").join(doc)).expect("src"));
+    assert_eq!(
+        std::fs::read(restored.join("p2").join(doc)).expect("restored"),
+        std::fs::read(tree.join("home").join(doc)).expect("src")
+    );
     let m = crate::mount::Mount::start(&env);
     let files = m.at.join("multi/latest/files");
     let diffs = crate::util::compare_trees(&fat32, &files.join("xvda/p2"), checks);

@@ -141,7 +141,13 @@ pub fn compare_trees(theirs: &Path, ours: &Path, checks: Checks) -> Vec<String> 
             diffs.push(format!("{show}: owner {}:{} vs {}:{}", ma.uid(), ma.gid(), mb.uid(), mb.gid()));
         }
         if checks.mtime && (ma.mtime(), ma.mtime_nsec()) != (mb.mtime(), mb.mtime_nsec()) {
-            diffs.push(format!("{show}: mtime {}.{} vs {}.{}", ma.mtime(), ma.mtime_nsec(), mb.mtime(), mb.mtime_nsec()));
+            diffs.push(format!(
+                "{show}: mtime {}.{} vs {}.{}",
+                ma.mtime(),
+                ma.mtime_nsec(),
+                mb.mtime(),
+                mb.mtime_nsec()
+            ));
         }
         let ft = ma.file_type();
         use std::os::unix::fs::FileTypeExt;

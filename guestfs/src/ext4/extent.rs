@@ -5,10 +5,9 @@
 use blockdev::BlockDev;
 
 use super::inode::{Inode, EXTENTS_FL};
-pub use crate::rundev::Run;
 use crate::error::{Error, Result};
 use crate::read::{le16, le32, vec};
-
+pub use crate::rundev::Run;
 
 /// Most runs kept for one file (a pathologically fragmented 16 TiB file would have more).
 const MAX_RUNS: usize = 1 << 22;

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use blockdev::BlockDev;
 
+pub use crate::rundev::RunDev as FileDev;
 pub use dir::DirEntry;
 pub use extent::Run;
-pub use crate::rundev::RunDev as FileDev;
 pub use inode::{Inode, Time, EXTENTS_FL, INLINE_DATA_FL};
 pub use superblock::Superblock;
 
@@ -126,16 +126,7 @@ impl Ext4 {
 
     /// The inode at absolute `path` (`/etc/hostname`), without following symlinks.
     pub fn lookup(&self, path: &[u8]) -> Result<Inode> {
-        let mut cur = self.inode(ROOT)?;
-        for part in path.split(|&c| c == b'/').filter(|p| !p.is_empty()) {
-            let entries = self.read_dir(&cur)?;
-            let e = entries
-                .iter()
-                .find(|e| e.name == part)
-                .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(path).into_owned()))?;
-            cur = self.inode(e.ino)?;
-        }
-        Ok(cur)
+        self.inode(ino32(fs::resolve(self, path)?)?)
     }
 }
 
