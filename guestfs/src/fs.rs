@@ -116,7 +116,7 @@ pub trait FileSystem: Send + Sync + std::fmt::Debug {
 
 /// Whether vmvault has a reader for filesystems of this kind.
 pub fn readable(content: &Content) -> bool {
-    matches!(content, Content::Ext { .. } | Content::Fat { .. })
+    matches!(content, Content::Ext { .. } | Content::Fat { .. } | Content::Ntfs)
 }
 
 /// Open the filesystem `content` names on `dev`; `Unsupported` for kinds without a reader.
@@ -124,6 +124,7 @@ pub fn open(content: &Content, dev: Arc<dyn BlockDev>) -> Result<Arc<dyn FileSys
     match content {
         Content::Ext { .. } => Ok(Arc::new(crate::ext4::Ext4::open(dev)?)),
         Content::Fat { .. } => Ok(Arc::new(crate::fat::Fat::open(dev)?)),
+        Content::Ntfs => Ok(Arc::new(crate::ntfs::Ntfs::open(dev)?)),
         other => Err(Error::Unsupported(format!("vmvault cannot read {} filesystems", other.name()))),
     }
 }

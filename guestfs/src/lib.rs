@@ -1,6 +1,6 @@
 //! Guest disk contents, read in user space over [`blockdev::BlockDev`]: partition tables
 //! ([`partition`]), what each volume holds ([`probe`]), LVM2 ([`lvm`]), and the filesystems
-//! themselves behind one [`fs::FileSystem`] trait (ext2/3/4 in [`ext4`], FAT12/16/32 in [`fat`]); [`Guest`] ties
+//! themselves behind one [`fs::FileSystem`] trait (ext2/3/4 in [`ext4`], FAT12/16/32 in [`fat`], NTFS in [`ntfs`]); [`Guest`] ties
 //! them together for one VM snapshot. Read-only; no `unsafe`; any bytes give a value or an [`Error`],
 //! never a panic, and every allocation sized by on-disk values is capped.
 
@@ -11,6 +11,7 @@ pub mod fs;
 mod guest;
 mod layout;
 pub mod lvm;
+pub mod ntfs;
 pub mod partition;
 pub mod probe;
 mod read;

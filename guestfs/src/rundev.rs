@@ -25,6 +25,8 @@ pub struct RunDev {
     runs: Vec<Run>,
     /// Contents stored inside the inode (inline data, fast symlinks).
     inline: Option<Vec<u8>>,
+    /// Bytes from here on read as zeros whatever the runs say (NTFS's initialized size).
+    valid: u64,
 }
 
 impl std::fmt::Debug for RunDev {
@@ -37,11 +39,19 @@ impl RunDev {
     /// `runs` sorted by `logical`, not overlapping; block `b` of the file is at byte
     /// `physical * block_size` of `dev`.
     pub(crate) fn new(dev: Arc<dyn BlockDev>, block_size: u64, size: u64, runs: Vec<Run>) -> Self {
-        Self { dev, block_size, size, runs, inline: None }
+        Self { dev, block_size, size, runs, inline: None, valid: size }
+    }
+
+    /// Bytes at and beyond `valid` read as zeros (allocated but never written, as NTFS's
+    /// initialized size says).
+    pub(crate) fn valid_up_to(mut self, valid: u64) -> Self {
+        self.valid = valid.min(self.size);
+        self
     }
 
     pub(crate) fn inline(dev: Arc<dyn BlockDev>, data: Vec<u8>) -> Self {
-        Self { dev, block_size: 4096, size: data.len() as u64, runs: Vec::new(), inline: Some(data) }
+        let size = data.len() as u64;
+        Self { dev, block_size: 4096, size, runs: Vec::new(), inline: Some(data), valid: size }
     }
 
     /// The run containing or following file block `b`: (index, whether it contains b).
@@ -61,6 +71,14 @@ impl BlockDev for RunDev {
         if let Some(data) = &self.inline {
             buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
             return Ok(());
+        }
+        if offset + buf.len() as u64 > self.valid {
+            let keep = self.valid.saturating_sub(offset).min(buf.len() as u64) as usize;
+            buf[keep..].fill(0);
+            if keep == 0 {
+                return Ok(());
+            }
+            return self.read_at(offset, &mut buf[..keep]);
         }
         let bs = self.block_size;
         let mut done = 0usize;
@@ -97,6 +115,10 @@ impl BlockDev for RunDev {
         if self.inline.is_some() {
             return Ok(AllocRun { kind: Allocation::Data, len: limit });
         }
+        if offset >= self.valid {
+            return Ok(AllocRun { kind: Allocation::Zero, len: limit });
+        }
+        let limit = limit.min(self.valid - offset);
         let bs = self.block_size;
         let (i, inside) = self.find(offset / bs);
         let (kind, end) = match self.runs.get(i) {
