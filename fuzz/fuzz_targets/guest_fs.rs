@@ -1,4 +1,4 @@
-//! Guest filesystems (ext2/3/4, FAT12/16/32) from arbitrary bytes, walked through the
+//! Guest filesystems (ext2/3/4, FAT12/16/32, NTFS) from arbitrary bytes, walked through the
 //! filesystem-neutral `FileSystem` trait exactly as `vmvault mount` and `restore-files` do:
 //! every directory listed, every node stat'ed, every file read and every symlink followed —
 //! a value or an error, never a panic, a hang, or a read past a file's length.

@@ -130,3 +130,35 @@ impl BlockDev for RunDev {
         Ok(AllocRun { kind, len: (end - offset).min(limit) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockdev::MemDev;
+
+    #[test]
+    fn bytes_past_the_valid_length_read_as_zeros() {
+        let disk: Arc<dyn BlockDev> = Arc::new(MemDev::new((0..=255u8).cycle().take(8192).collect()));
+        // Two blocks of 1 KiB at disk blocks 2 and 3, a hole, one more at block 5; valid to 2500.
+        let runs = vec![
+            Run { logical: 0, physical: 2, len: 2, unwritten: false },
+            Run { logical: 3, physical: 5, len: 1, unwritten: false },
+        ];
+        let dev = RunDev::new(disk.clone(), 1024, 4096, runs).valid_up_to(2500);
+        let mut all = vec![0xAAu8; 4096];
+        dev.read_at(0, &mut all).expect("read");
+        let mut want = vec![0u8; 4096];
+        disk.read_at(2048, &mut want[..2048]).expect("disk");
+        disk.read_at(5120, &mut want[3072..]).expect("disk");
+        want[2500..].fill(0);
+        assert_eq!(all, want);
+        let mut tail = [0xAAu8; 10];
+        dev.read_at(2495, &mut tail).expect("read across the valid end");
+        assert_eq!(&tail[..5], &want[2495..2500]);
+        assert_eq!(&tail[5..], &[0; 5]);
+        let at = |o| dev.allocation(o, 4096).expect("allocation");
+        assert_eq!((at(0).kind, at(0).len), (Allocation::Data, 2048));
+        assert_eq!((at(2048).kind, at(2048).len), (Allocation::Zero, 452), "the hole stops at the valid end");
+        assert_eq!((at(2600).kind, at(2600).len), (Allocation::Zero, 1496), "nothing valid past 2500");
+    }
+}

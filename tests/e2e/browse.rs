@@ -154,3 +154,60 @@ fn fat_and_mbr_volumes_agree_with_mtools_and_the_tree() {
     let at: usize = offset("gpt.img", "p3").parse().expect("number");
     assert!(raw == whole[at..at + raw.len()], "partition.img differs from the partition");
 }
+
+/// An NTFS partition read through `restore-files`, the FUSE mount and `cat` (an alternate
+/// data stream), against ntfs-3g mounting the same partition read-only.
+#[test]
+fn ntfs_volume_agrees_with_ntfs_3g() {
+    let env = Env::new();
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let tree = env.path("tree");
+    assert!(Command::new(fx.join("make-tree.sh")).arg(&tree).output().expect("make-tree").status.success());
+    let img = env.path("ntfs.img");
+    let out = Command::new(fx.join("make-ntfs-image.sh")).arg(&tree).arg(&img).output().expect("mkimg");
+    assert!(out.status.success(), "{}", crate::util::text(&out));
+    env.init(&[]);
+    env.ok(&["backup", "--vm", "win", &format!("xvda={}", img.display())]);
+    assert!(env.ok(&["ls", "win@latest:/xvda"]).contains("ntfs"));
+
+    // The oracle: ntfs-3g, read-only, on the partition cut out of the image.
+    let part = env.path("part.img");
+    let st = Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .arg(format!("of={}", part.display()))
+        .args(["bs=1M", "skip=1", "conv=sparse", "status=none"])
+        .status()
+        .expect("dd");
+    assert!(st.success());
+    let oracle = env.path("oracle");
+    std::fs::create_dir_all(&oracle).expect("mkdir");
+    assert!(Command::new("ntfs-3g").args(["-o", "ro"]).arg(&part).arg(&oracle).status().expect("ntfs-3g").success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(oracle.clone());
+
+    // NTFS keeps no Unix modes or owners; ntfs-3g points the junction to C:\Windows into
+    // its own mount, we keep the Windows path.
+    let checks = crate::util::Checks { mode: false, owner: false, mtime: true, extra_ok: &[] };
+    let agree = |ours: &Path, how: &str| {
+        let mut diffs = crate::util::compare_trees(&oracle, ours, checks);
+        diffs.retain(|d| d != "junction: symlink target differs");
+        assert!(diffs.is_empty(), "NTFS {how} vs ntfs-3g: {diffs:#?}");
+        assert_eq!(std::fs::read_link(ours.join("junction")).expect("junction"), Path::new("C:/Windows"));
+    };
+    let restored = env.path("restored");
+    env.ok(&["restore-files", "win@latest:/xvda/p1", "-t", restored.to_str().expect("utf-8")]);
+    agree(&restored.join("p1"), "restore-files");
+    let m = crate::mount::Mount::start(&env);
+    agree(&m.at.join("win/latest/files/xvda/p1"), "through FUSE");
+    // Alternate data streams are not listed but open by name.
+    assert_eq!(
+        std::fs::read(m.at.join("win/latest/files/xvda/p1/ads.txt:secret")).expect("stream"),
+        b"the alternate stream\n"
+    );
+    assert_eq!(env.ok(&["cat", "win@latest:/xvda/p1/ads.txt:secret"]), "the alternate stream\n");
+}

@@ -22,6 +22,9 @@ pub struct Inode {
     /// Creation time, when the inode is large enough to hold it.
     pub crtime: Option<Time>,
     pub block: [u8; 60],
+    /// The `system.data` extended attribute kept in the inode body: where inline data longer
+    /// than the 60 bytes of `i_block` continues. Empty when there is none.
+    pub inline_tail: Vec<u8>,
 }
 
 pub const EXTENTS_FL: u32 = 0x80000;
@@ -36,6 +39,29 @@ fn time(b: &[u8], at: usize, extra: Option<usize>) -> Time {
         }
         None => Time { secs: base, nanos: 0 },
     }
+}
+
+/// The value of `system.data` (name index 7, name "data") among the extended attributes in
+/// an inode body (`area` starts after `i_extra_isize`): the 0xEA020000 magic, then entries of
+/// name length, name index, value offset (from the first entry), value block (0 here), value
+/// size and hash, and the name, each padded to 4 bytes; a zero word ends them.
+fn system_data(area: &[u8]) -> Vec<u8> {
+    if area.len() < 4 || le32(area, 0) != 0xEA02_0000 {
+        return Vec::new();
+    }
+    let entries = &area[4..];
+    let mut at = 0usize;
+    while at + 16 <= entries.len() && le32(entries, at) != 0 {
+        let (name_len, index) = (usize::from(entries[at]), entries[at + 1]);
+        let (value_at, value_block, value_len) =
+            (usize::from(le16(entries, at + 2)), le32(entries, at + 4), le32(entries, at + 8) as usize);
+        let Some(name) = entries.get(at + 16..at + 16 + name_len) else { break };
+        if index == 7 && name == b"data" && value_block == 0 {
+            return entries.get(value_at..value_at + value_len).map(<[u8]>::to_vec).unwrap_or_default();
+        }
+        at += (16 + name_len).next_multiple_of(4);
+    }
+    Vec::new()
 }
 
 impl Inode {
@@ -58,6 +84,11 @@ impl Inode {
             atime: time(b, 0x08, x(0x8C, 0x90)),
             crtime: has(0x98).then(|| time(b, 0x90, Some(0x94))),
             block: b[0x28..0x28 + 60].try_into().unwrap_or([0; 60]),
+            inline_tail: if le32(b, 0x20) & INLINE_DATA_FL != 0 && b.len() > 128 {
+                system_data(&b[(128 + extra).min(b.len())..])
+            } else {
+                Vec::new()
+            },
         }
     }
 

@@ -90,11 +90,18 @@ impl Ext4 {
     /// The contents of `inode` as a device (regular files, directories, slow symlinks).
     pub fn contents(&self, inode: &Inode) -> Result<FileDev> {
         if inode.flags & INLINE_DATA_FL != 0 {
-            // Up to 60 bytes live in i_block; longer inline data continues in an xattr.
-            if inode.size > 60 {
-                return Err(Error::Unsupported(format!("inode {}: inline data beyond 60 bytes", inode.ino)));
+            // The first 60 bytes live in i_block, the rest in the system.data attribute.
+            let mut data = inode.block.to_vec();
+            data.extend_from_slice(&inode.inline_tail);
+            if inode.size > data.len() as u64 {
+                return Err(Error::corrupt(
+                    "ext4 inline data",
+                    u64::from(inode.ino),
+                    format!("inode {}: {} bytes, {} stored", inode.ino, inode.size, data.len()),
+                ));
             }
-            return Ok(FileDev::inline(self.dev.clone(), inode.block[..inode.size as usize].to_vec()));
+            data.truncate(inode.size as usize);
+            return Ok(FileDev::inline(self.dev.clone(), data));
         }
         let runs = extent::runs(&*self.dev, self.sb.block_size, inode)?;
         Ok(FileDev::new(self.dev.clone(), self.sb.block_size, inode.size, runs))
@@ -107,6 +114,20 @@ impl Ext4 {
         }
         if inode.size > MAX_DIR {
             return Err(Error::corrupt("ext4 directory", u64::from(inode.ino), format!("{} bytes", inode.size)));
+        }
+        if inode.flags & INLINE_DATA_FL != 0 {
+            // i_block holds the parent's inode number, then entries; the system.data
+            // attribute holds more entries. Neither stores `.` or `..`.
+            let parent = le32(&inode.block, 0);
+            let mut out = vec![
+                DirEntry { name: b".".to_vec(), ino: inode.ino, file_type: 2 },
+                DirEntry { name: b"..".to_vec(), ino: parent, file_type: 2 },
+            ];
+            out.extend(dir::parse(&inode.block[4..], 56, inode.ino)?);
+            if !inode.inline_tail.is_empty() {
+                out.extend(dir::parse(&inode.inline_tail, inode.inline_tail.len(), inode.ino)?);
+            }
+            return Ok(out);
         }
         let data = blockdev::read_all(&self.contents(inode)?).map_err(|e| Error::io("reading a directory", e))?;
         dir::parse(&data, self.sb.block_size as usize, inode.ino)

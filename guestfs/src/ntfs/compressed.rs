@@ -211,9 +211,21 @@ impl BlockDev for CompressedDev {
         let hole = |u: u64| u * ub >= self.valid || self.allocated(u) == 0;
         let first = offset / ub;
         let kind = if hole(first) { Allocation::Zero } else { Allocation::Data };
-        let mut u = first + 1;
-        while u * ub < offset + limit && hole(u) == (kind == Allocation::Zero) {
-            u += 1;
+        let end = offset + limit;
+        let mut u = first;
+        while u * ub < end && hole(u) == (kind == Allocation::Zero) {
+            // Units wholly inside one extent (or past the runs, or past the valid data)
+            // are alike: jump to the last unit that may differ.
+            let vcn = u * self.unit_clusters;
+            let i = self.extents.partition_point(|e| e.vcn + e.len <= vcn);
+            let next = match self.extents.get(i) {
+                _ if u * ub >= self.valid => u64::MAX,
+                Some(e) if e.vcn <= vcn => (e.vcn + e.len) / self.unit_clusters,
+                Some(e) => e.vcn / self.unit_clusters,
+                None => u64::MAX,
+            };
+            let next = if u * ub < self.valid { next.min(self.valid.div_ceil(ub)) } else { next };
+            u = next.max(u + 1).min(end.div_ceil(ub));
         }
         Ok(Run { kind, len: (u * ub - offset).min(limit) })
     }

@@ -54,6 +54,9 @@ const STREAM_BASE: u64 = 1 << 47;
 const MAX_STREAMS: usize = 1 << 20;
 /// Largest small value read whole (attribute lists, reparse data, `$UpCase`).
 const MAX_SMALL_VALUE: u64 = 1 << 20;
+/// Largest attribute value (and extent of its runs): 2^60 bytes (NTFS's own limit is
+/// 2^64 − 1, Windows' 256 TiB), so byte arithmetic on it cannot overflow.
+const MAX_VALUE: u64 = 1 << 60;
 /// Largest compression unit (Windows makes 16 clusters of at most 4 KiB).
 const MAX_COMPRESSION_UNIT: u64 = 1 << 20;
 const MAX_EXTENSION_RECORDS: usize = 4096;
