@@ -261,7 +261,8 @@ impl Fat {
                 _ => runs.push(Run { logical: n, physical, len: 1, unwritten: false }),
             }
             n += 1;
-            if n > u64::from(count) {
+            // Folders have no size: a chain longer than the largest folder read is a loop.
+            if n > u64::from(count) || (want.is_none() && n > MAX_DIR / self.geometry.cluster_size) {
                 return Err(Error::corrupt("FAT cluster chain", u64::from(first), "the chain loops"));
             }
             if want.is_some_and(|w| n >= w) {
@@ -274,6 +275,17 @@ impl Fat {
         }
         if let Some(w) = want.filter(|&w| n < w) {
             return Err(Error::corrupt("FAT cluster chain", u64::from(first), format!("{n} clusters for {w}")));
+        }
+        // A chain that comes back to a cluster it passed would repeat its bytes.
+        let mut spans: Vec<(u64, u64)> = runs.iter().map(|r| (r.physical, r.len)).collect();
+        spans.sort_unstable();
+        if let Some(w) = spans.windows(2).find(|w| w[0].0 + w[0].1 > w[1].0) {
+            let again = w[1].0 + 2;
+            return Err(Error::corrupt(
+                "FAT cluster chain",
+                u64::from(first),
+                format!("the chain loops (cluster {again} twice)"),
+            ));
         }
         Ok(runs)
     }

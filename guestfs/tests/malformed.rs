@@ -60,3 +60,74 @@ proptest! {
         let _ = open_disk(dev);
     }
 }
+
+/// A FAT16 volume from mkfs.fat with one 5-cluster file copied in by mtools; damage to its
+/// chain or boot sector is an error naming the fault, never repeated or wrong bytes.
+#[test]
+fn fat_damage_is_an_error_not_wrong_bytes() {
+    use guestfs::fat::Fat;
+    use guestfs::fs::FileSystem;
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fat.img");
+    let st = Command::new("mkfs.fat")
+        .args(["-C", "-F", "16", "-s", "1", "-S", "512"])
+        .arg(&img)
+        .arg("8192")
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let body: Vec<u8> = (0..5 * 512).map(|i| (i / 512) as u8 + 1).collect();
+    std::fs::write(dir.path().join("f.bin"), &body).unwrap();
+    let st = Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(&img)
+        .arg(dir.path().join("f.bin"))
+        .arg("::/F.BIN")
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let good = std::fs::read(&img).unwrap();
+    let open = |b: Vec<u8>| Fat::open(Arc::new(MemDev::new(b)) as Arc<dyn BlockDev>);
+    let read = |b: Vec<u8>| -> guestfs::Result<Vec<u8>> {
+        let fs = open(b)?;
+        let ino = guestfs::fs::resolve(&fs, b"/F.BIN")?;
+        let dev = fs.open(ino)?;
+        Ok(blockdev::read_all(&*dev).unwrap())
+    };
+    assert_eq!(read(good.clone()).unwrap(), body);
+    // The file's first cluster and the first FAT, from the boot sector and the root entry.
+    let le16 = |b: &[u8], at: usize| usize::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    let (reserved, fats, per_fat, root_entries) =
+        (le16(&good, 14), usize::from(good[16]), le16(&good, 22), le16(&good, 17));
+    let fat_at = reserved * 512;
+    let root_at = (reserved + fats * per_fat) * 512;
+    let first = (0..root_entries)
+        .map(|i| root_at + 32 * i)
+        .find(|&e| &good[e..e + 8] == b"F       ")
+        .map(|e| le16(&good, e + 26))
+        .unwrap();
+    let link = |b: &mut Vec<u8>, cluster: usize, to: u16| {
+        b[fat_at + 2 * cluster..fat_at + 2 * cluster + 2].copy_from_slice(&to.to_le_bytes())
+    };
+    // The third cluster links back to the first: the chain loops.
+    let mut b = good.clone();
+    link(&mut b, first + 2, first as u16);
+    assert!(read(b).unwrap_err().to_string().contains("loops"));
+    // The chain ends after two clusters of five.
+    let mut b = good.clone();
+    link(&mut b, first + 1, 0xFFFF);
+    assert!(read(b).unwrap_err().to_string().contains("2 clusters for 5"));
+    // A link to a free cluster.
+    let mut b = good.clone();
+    link(&mut b, first, 0);
+    assert!(read(b).unwrap_err().to_string().contains("links to 0x0"));
+    // Boot sector: no signature, and an impossible cluster size.
+    let mut b = good.clone();
+    b[510] = 0;
+    assert!(open(b).unwrap_err().to_string().contains("55 AA"));
+    let mut b = good;
+    b[13] = 3;
+    assert!(open(b).unwrap_err().to_string().contains("sectors per cluster"));
+}

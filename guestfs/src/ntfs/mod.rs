@@ -504,6 +504,10 @@ fn value_dev(dev: &Arc<dyn BlockDev>, cluster: u64, parts: &[Attr]) -> Result<Op
             extents.push(*e);
         }
     }
+    let end = extents.last().map_or(0, |e| e.vcn + e.len);
+    if head.size > MAX_VALUE || end.checked_mul(cluster).is_none_or(|b| b > MAX_VALUE) {
+        return Err(Error::corrupt(WHAT, 0, format!("type {:#x}: {} bytes in {end} clusters", first.ty, head.size)));
+    }
     if first.flags & record::ATTR_ENCRYPTED != 0 {
         return Err(Error::Unsupported("the file is encrypted (EFS); vmvault cannot decrypt it".into()));
     }
