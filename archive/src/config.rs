@@ -25,6 +25,10 @@ pub struct Config {
     pub id_hash: String,
     /// Target pack size, bytes.
     pub pack_size: u32,
+    /// IANA time zone in which retention rules read days, weeks, months and years (set at
+    /// `init`; absent in older repositories: the local zone of the machine is used then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,6 +55,7 @@ impl Config {
             cipher: CIPHER.into(),
             id_hash: ID_HASH.into(),
             pack_size: 16 * 1024 * 1024,
+            time_zone: None,
         };
         config.validate()?;
         Ok(config)

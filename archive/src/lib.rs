@@ -29,6 +29,7 @@ pub mod progress;
 pub mod reader;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod splitter;
 pub mod stats;
 pub mod store;

@@ -27,11 +27,18 @@ pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub zstd_level: i32,
     pub kdf: KdfParams,
+    /// IANA name of the zone retention periods are read in (`Config::time_zone`).
+    pub time_zone: Option<String>,
 }
 
 impl Default for InitOptions {
     fn default() -> Self {
-        Self { chunker: ChunkerParams::Fixed { size: 1 << 20 }, zstd_level: 3, kdf: KdfParams::default() }
+        Self {
+            chunker: ChunkerParams::Fixed { size: 1 << 20 },
+            zstd_level: 3,
+            kdf: KdfParams::default(),
+            time_zone: None,
+        }
     }
 }
 
@@ -59,7 +66,11 @@ impl Repository {
                 return Err(Error::Usage(format!("{} exists and is not empty", path.display())));
             }
         }
-        let config = Config::new(opts.chunker, opts.zstd_level)?;
+        let mut config = Config::new(opts.chunker, opts.zstd_level)?;
+        if let Some(tz) = &opts.time_zone {
+            jiff::tz::TimeZone::get(tz).map_err(|e| Error::Usage(format!("time zone {tz:?}: {e}")))?;
+            config.time_zone = Some(tz.clone());
+        }
         let backend = LocalBackend::new(path);
         for d in DIRS {
             std::fs::create_dir_all(path.join(d))
@@ -124,6 +135,15 @@ impl Repository {
     }
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The zone retention reads calendar periods in: `over` (a `--time-zone`), else the
+    /// repository's, else this machine's.
+    pub fn time_zone(&self, over: Option<&str>) -> Result<jiff::tz::TimeZone> {
+        match over.or(self.config.time_zone.as_deref()) {
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| Error::Usage(format!("time zone {name:?}: {e}"))),
+            None => Ok(jiff::tz::TimeZone::system()),
+        }
     }
     pub fn key(&self) -> &MasterKey {
         &self.key
@@ -233,6 +253,16 @@ impl Repository {
     pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         let body = self.load_object("snapshots", SNAPSHOT_MAGIC, id)?;
         Snapshot::from_json(&body, &format!("snapshots/{}", id.to_hex()))
+    }
+
+    /// Remove snapshot `id`'s manifest (its data stays until `prune`). Removing one that is
+    /// already gone is not an error, so an interrupted `forget` can simply be run again.
+    pub fn forget_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let path = format!("snapshots/{}", id.to_hex());
+        if !self.backend.exists(&path) {
+            return Ok(());
+        }
+        self.backend.remove(&path)
     }
 
     /// Every snapshot, oldest first. Unreadable manifests are errors.

@@ -18,6 +18,7 @@ pub fn init(dir: &std::path::Path, chunker: &str) -> Repository {
         chunker: ChunkerParams::parse(chunker).unwrap(),
         zstd_level: 3,
         kdf: KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 },
+        time_zone: None,
     };
     Repository::init(&dir.join("repo"), b"pw", &opts).unwrap()
 }

@@ -46,6 +46,49 @@ pub struct InitArgs {
     /// Argon2id memory cost in KiB (lower only for tests).
     #[arg(long, default_value_t = 65536, hide = true)]
     kdf_memory_kib: u32,
+    /// IANA time zone in which `forget` reads days, weeks, months and years (default: this
+    /// machine's zone when it has a name, e.g. Europe/Berlin).
+    #[arg(long)]
+    time_zone: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Snapshots to remove (ID prefixes or VM@ID); instead of --keep-* rules.
+    ids: Vec<String>,
+    /// Only this VM's snapshots (rules always apply to each VM separately).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest snapshot of each of the N newest hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest snapshot of each of the N newest days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest snapshot of each of the N newest ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest snapshot of each of the N newest months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: u32,
+    /// Keep the newest snapshot of each of the N newest years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_yearly: u32,
+    /// Keep snapshots newer than the VM's newest minus SPAN (2d, 1w, 6m, 1y, 12h, 1y6m).
+    #[arg(long, value_name = "SPAN")]
+    keep_within: Option<String>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    keep_tag: Vec<String>,
+    /// Read calendar periods in this IANA zone instead of the repository's.
+    #[arg(long)]
+    time_zone: Option<String>,
+    /// Print what would be removed and remove nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +235,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init(&ctx, a),
         Command::Backup(a) => backup(&ctx, a),
         Command::Snapshots(a) => snapshots(&ctx, a),
+        Command::Forget(a) => forget(&ctx, a),
         Command::Restore(a) => restore(&ctx, a),
         Command::Cat(a) => cat(&ctx, a),
         Command::Ls(a) => crate::browse::ls(&ctx, a),
@@ -215,7 +259,8 @@ fn init(ctx: &Ctx, a: InitArgs) -> Result<()> {
     let path = ctx.repo_path()?;
     let chunker = ChunkerParams::parse(&a.chunker)?;
     let pass = password::new(ctx.password_file.as_deref(), "VMVAULT_PASSWORD")?;
-    let opts = InitOptions { chunker, zstd_level: a.zstd_level, kdf: kdf(a.kdf_memory_kib) };
+    let time_zone = a.time_zone.or_else(|| jiff::tz::TimeZone::system().iana_name().map(str::to_owned));
+    let opts = InitOptions { chunker, zstd_level: a.zstd_level, kdf: kdf(a.kdf_memory_kib), time_zone };
     let repo =
         Repository::init(path, &pass, &opts).with_context(|| format!("creating a repository in {}", path.display()))?;
     if ctx.json {
@@ -351,6 +396,97 @@ fn snapshots(ctx: &Ctx, a: SnapshotsArgs) -> Result<()> {
         );
     }
     println!("{} snapshots", list.len());
+    Ok(())
+}
+
+fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
+    use archive::retention::{Decision, Policy};
+    let repo = ctx.open()?;
+    let policy = Policy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+        within: a.keep_within.as_deref().map(archive::retention::parse_within).transpose()?,
+        tags: a.keep_tag.clone(),
+    };
+    // Removing manifests never removes data (prune does): a shared lock, like backup.
+    let _lock = repo.lock(archive::lock::LockKind::Shared, "forget")?;
+    let tz = repo.time_zone(a.time_zone.as_deref())?;
+    let plan: Vec<(SnapshotEntry, Decision)> = if !a.ids.is_empty() {
+        if !policy.is_empty() {
+            anyhow::bail!("give snapshot ids or --keep-* rules, not both");
+        }
+        let mut chosen = Vec::new();
+        for spec in &a.ids {
+            let e = repo.resolve_snapshot(spec)?;
+            if a.vm.as_ref().is_some_and(|vm| vm != &e.snapshot.vm) {
+                anyhow::bail!(
+                    "snapshot {spec} belongs to VM {:?}, not {:?}",
+                    e.snapshot.vm,
+                    a.vm.as_deref().unwrap_or("")
+                );
+            }
+            chosen.push((e, Decision { keep: false, reasons: vec!["named".into()] }));
+        }
+        chosen
+    } else {
+        if policy.is_empty() {
+            anyhow::bail!(
+                "no --keep-* rule given, so nothing would be removed; give rules (e.g. --keep-daily 7) or snapshot ids"
+            );
+        }
+        archive::retention::plan(repo.list_snapshots()?, a.vm.as_deref(), &policy, &tz)?
+    };
+    let mut removed = 0usize;
+    if !a.dry_run {
+        for (e, d) in &plan {
+            if !d.keep {
+                repo.forget_snapshot(&e.id)?;
+                removed += 1;
+            }
+        }
+    }
+    if ctx.json {
+        let rows: Vec<serde_json::Value> = plan
+            .iter()
+            .map(|(e, d)| {
+                serde_json::json!({"id": e.id.to_hex(), "vm": e.snapshot.vm, "time": e.snapshot.time,
+                    "keep": d.keep, "reasons": d.reasons})
+            })
+            .collect();
+        return ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "removed": removed, "snapshots": rows}));
+    }
+    if !ctx.quiet {
+        let mut vm = None;
+        for (e, d) in &plan {
+            if vm != Some(&e.snapshot.vm) {
+                vm = Some(&e.snapshot.vm);
+                println!("{}:", e.snapshot.vm);
+            }
+            // In the zone the rules read periods in.
+            let time = e.snapshot.timestamp().map_or_else(
+                || e.snapshot.time.clone(),
+                |t| t.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S %Z").to_string(),
+            );
+            let what = if d.keep {
+                "keep  "
+            } else if a.dry_run {
+                "would remove"
+            } else {
+                "remove"
+            };
+            println!("  {what:<12} {}  {time}  {}", e.id.short(), d.reasons.join(", "));
+        }
+        let gone = plan.iter().filter(|(_, d)| !d.keep).count();
+        let verb = if a.dry_run { "would remove" } else { "removed" };
+        println!(
+            "{} kept, {verb} {gone} (their data stays in the repository: `prune` is not built yet)",
+            plan.len() - gone
+        );
+    }
     Ok(())
 }
 

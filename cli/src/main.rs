@@ -51,6 +51,8 @@ pub enum Command {
     Backup(commands::BackupArgs),
     /// List snapshots.
     Snapshots(commands::SnapshotsArgs),
+    /// Remove snapshots by retention rules (restic's --keep-* semantics, per VM) or by id.
+    Forget(commands::ForgetArgs),
     /// Restore one stream of a snapshot to a file or block device (sparse).
     Restore(commands::RestoreArgs),
     /// Write one stream of a snapshot, or a file inside its disks, to standard output.

@@ -4,6 +4,7 @@ mod basic;
 mod boot;
 mod browse;
 mod crash;
+mod forget;
 mod mount;
 mod nbd;
 mod util;
