@@ -151,7 +151,8 @@ pub fn apply(policy: &Policy, snaps: &[Candidate], tz: &TimeZone) -> Result<Vec<
 }
 
 /// The plan for a repository's snapshots: `policy` applied to each VM's snapshots on its own
-/// (only VM `vm` when given), oldest first within each VM, VMs by name. What `forget` and jobs
+/// (only VM `vm` when given); VMs by name, each VM's snapshots in the order given
+/// (`Repository::list_snapshots`: oldest first). What `forget` and jobs
 /// both run.
 pub fn plan(
     snaps: Vec<SnapshotEntry>,
@@ -164,8 +165,7 @@ pub fn plan(
         by_vm.entry(s.snapshot.vm.clone()).or_default().push(s);
     }
     let mut out = Vec::new();
-    for (_, mut group) in by_vm {
-        group.sort_by(|a, b| a.snapshot.time.cmp(&b.snapshot.time));
+    for (_, group) in by_vm {
         let candidates = group
             .iter()
             .map(|s| {

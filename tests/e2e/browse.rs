@@ -6,13 +6,20 @@ use std::process::Command;
 
 use crate::util::Env;
 
-pub(crate) fn built(env: &Env) -> std::path::PathBuf {
+/// The source tree (fixtures/make-tree.sh) at `tree`, and fixtures/SCRIPT run on it with
+/// `out` and `extra` arguments; its output must succeed.
+fn fixture(env: &Env, script: &str, out: &Path, extra: &[&str]) -> std::path::PathBuf {
     let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
     let tree = env.path("tree");
-    let img = env.path("disk.img");
     assert!(Command::new(fx.join("make-tree.sh")).arg(&tree).output().expect("make-tree").status.success());
-    let out = Command::new(fx.join("make-ext4-image.sh")).arg(&tree).arg(&img).arg("64").output().expect("mkimg");
-    assert!(out.status.success(), "{}", crate::util::text(&out));
+    let run = Command::new(fx.join(script)).arg(&tree).arg(out).args(extra).output().expect(script);
+    assert!(run.status.success(), "{}", crate::util::text(&run));
+    tree
+}
+
+pub(crate) fn built(env: &Env) -> std::path::PathBuf {
+    let img = env.path("disk.img");
+    let tree = fixture(env, "make-ext4-image.sh", &img, &["64"]);
     env.init(&[]);
     env.ok(&["backup", "--vm", "web01", &format!("xvda={}", img.display())]);
     tree
@@ -87,11 +94,7 @@ fn restore_files_gives_back_the_source_tree_with_its_metadata() {
 #[test]
 fn fat_and_mbr_volumes_agree_with_mtools_and_the_tree() {
     let env = Env::new();
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let tree = env.path("tree");
-    assert!(Command::new(fx.join("make-tree.sh")).arg(&tree).output().expect("make-tree").status.success());
-    let out = Command::new(fx.join("make-multi-image.sh")).arg(&tree).arg(env.path("img")).output().expect("mkimg");
-    assert!(out.status.success(), "{}", crate::util::text(&out));
+    let tree = fixture(&env, "make-multi-image.sh", &env.path("img"), &[]);
     let offsets = std::fs::read_to_string(env.path("img/offsets")).expect("offsets");
     let offset = |img: &str, part: &str| -> String {
         let l = offsets.lines().find(|l| l.starts_with(&format!("{img} {part} "))).expect("offset line");
@@ -160,12 +163,8 @@ fn fat_and_mbr_volumes_agree_with_mtools_and_the_tree() {
 #[test]
 fn ntfs_volume_agrees_with_ntfs_3g() {
     let env = Env::new();
-    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let tree = env.path("tree");
-    assert!(Command::new(fx.join("make-tree.sh")).arg(&tree).output().expect("make-tree").status.success());
     let img = env.path("ntfs.img");
-    let out = Command::new(fx.join("make-ntfs-image.sh")).arg(&tree).arg(&img).output().expect("mkimg");
-    assert!(out.status.success(), "{}", crate::util::text(&out));
+    fixture(&env, "make-ntfs-image.sh", &img, &[]);
     env.init(&[]);
     env.ok(&["backup", "--vm", "win", &format!("xvda={}", img.display())]);
     assert!(env.ok(&["ls", "win@latest:/xvda"]).contains("ntfs"));

@@ -208,7 +208,8 @@ impl BlockDev for CompressedDev {
         check_range(self.size, offset, 1)?;
         let limit = max_len.min(self.size - offset);
         let ub = self.unit_bytes();
-        let hole = |u: u64| u * ub >= self.valid || self.allocated(u) == 0;
+        // A unit is a hole exactly when its first cluster is (`unit` reads it as zeros).
+        let hole = |u: u64| u * ub >= self.valid || self.lcn(u * self.unit_clusters).is_none();
         let first = offset / ub;
         let kind = if hole(first) { Allocation::Zero } else { Allocation::Data };
         let end = offset + limit;

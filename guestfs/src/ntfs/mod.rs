@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use blockdev::BlockDev;
 
-pub use compressed::decompress as lznt1_decompress;
 use compressed::CompressedDev;
 use record::{Attr, Body, FileName, Record};
 
@@ -94,6 +93,18 @@ impl std::fmt::Debug for Ntfs {
 struct File {
     flags: u16,
     attrs: Vec<Attr>,
+}
+
+/// A file with what `stat` needs of it.
+struct Node {
+    file: File,
+    /// The DOS file attributes (read-only, system, ...).
+    attributes: u32,
+    /// `$STANDARD_INFORMATION` (times at 0x00..0x20).
+    si: Vec<u8>,
+    /// Names other than DOS 8.3 aliases: the link count.
+    names: usize,
+    shape: Shape,
 }
 
 /// What a file is, as a Unix view sees it.
@@ -192,7 +203,7 @@ impl Ntfs {
         if let Some(list) = attrs.iter().find(|a| a.ty == record::ATTRIBUTE_LIST).cloned() {
             let bytes = self.small_value(&[list], "an attribute list")?;
             let mut others: Vec<u64> =
-                record::parse_attribute_list(&bytes, 0)?.into_iter().map(|e| e.record).filter(|&r| r != n).collect();
+                record::parse_attribute_list(&bytes, 0)?.into_iter().filter(|&r| r != n).collect();
             others.sort_unstable();
             others.dedup();
             if others.len() > MAX_EXTENSION_RECORDS {
@@ -273,8 +284,8 @@ impl Ntfs {
         Ok(out)
     }
 
-    /// Record `ino`'s DOS attributes, `$STANDARD_INFORMATION`, count of (non-DOS) names and shape.
-    fn node(&self, ino: u64) -> Result<(u32, Vec<u8>, usize, Shape)> {
+    /// Record `ino` with its DOS attributes, `$STANDARD_INFORMATION`, names and shape.
+    fn node(&self, ino: u64) -> Result<Node> {
         let f = self.file(ino)?;
         let si = match self.parts(&f.attrs, record::STANDARD_INFORMATION, DATA_UNNAMED).first().map(|a| &a.body) {
             Some(Body::Resident(v)) if v.len() >= 0x24 => v.clone(),
@@ -298,7 +309,7 @@ impl Ntfs {
             .filter(|n| n.namespace != record::NAMESPACE_DOS)
             .count();
         let shape = self.shape(&f, attributes)?;
-        Ok((attributes, si, names, shape))
+        Ok(Node { file: f, attributes, si, names, shape })
     }
 
     /// Kind, size and link target of `f`; `si_attributes` from its `$STANDARD_INFORMATION`.
@@ -309,20 +320,14 @@ impl Ntfs {
         if f.flags & record::RECORD_IS_DIRECTORY != 0 {
             return Ok(Shape { kind: Kind::Dir, size: 0, target: None, rdev: None });
         }
-        let data = self.data_dev(&f.attrs, DATA_UNNAMED);
-        // A file whose data cannot be opened (EFS, say) still has a size and a name.
-        let size = match &data {
-            Ok(d) => d.as_ref().map_or(0, |d| d.len()),
-            Err(_) => self.parts(&f.attrs, record::DATA, DATA_UNNAMED).first().map_or(0, |a| match &a.body {
-                Body::Resident(v) => v.len() as u64,
-                Body::NonResident(nr) => nr.size,
-            }),
-        };
+        let parts = self.parts(&f.attrs, record::DATA, DATA_UNNAMED);
+        // From the attribute, so a file whose data cannot be opened (EFS) still has a size.
+        let size = value_size(&parts).unwrap_or(0);
         let plain = Shape { kind: Kind::File, size, target: None, rdev: None };
         if si_attributes & FILE_ATTRIBUTE_SYSTEM == 0 || !(8..=MAX_INTERIX).contains(&size) {
             return Ok(plain);
         }
-        let Ok(Some(dev)) = data else { return Ok(plain) };
+        let Ok(Some(dev)) = value_dev(&self.dev, self.cluster, &parts) else { return Ok(plain) };
         let head = vec(&*dev, 0, size as usize, "an Interix special file")?;
         Ok(interix(&head).unwrap_or(plain))
     }
@@ -362,18 +367,41 @@ impl Ntfs {
         Ok(STREAM_BASE + streams.len() as u64 - 1)
     }
 
-    /// `name` in `dir`: exact, then case-insensitive (as Windows).
-    fn find_name(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
-        let entries = self.read_dir(dir)?;
+    /// `name` among a folder's `entries`: exact, then case-insensitive (as Windows).
+    fn find_name(&self, entries: &[DirEntry], name: &[u8]) -> Option<u64> {
         if let Some(e) = entries.iter().find(|e| e.name == name) {
-            return Ok(Some(e.ino));
+            return Some(e.ino);
         }
-        let Ok(wanted) = std::str::from_utf8(name) else { return Ok(None) };
-        let wanted = units(wanted);
-        Ok(entries
+        let wanted = units(std::str::from_utf8(name).ok()?);
+        entries
             .iter()
             .find(|e| std::str::from_utf8(&e.name).is_ok_and(|n| self.same_name(&units(n), &wanted)))
-            .map(|e| e.ino))
+            .map(|e| e.ino)
+    }
+
+    /// What `stat` shows of record `ino`.
+    fn stat_of(ino: u64, node: &Node) -> Stat {
+        let perm = match node.shape.kind {
+            Kind::Dir => 0o755,
+            Kind::Symlink => 0o777,
+            _ if node.attributes & FILE_ATTRIBUTE_READONLY != 0 => 0o444,
+            _ => 0o644,
+        };
+        let si = &node.si;
+        Stat {
+            ino,
+            kind: node.shape.kind,
+            perm,
+            uid: 0,
+            gid: 0,
+            size: node.shape.size,
+            nlink: node.names.max(1) as u32,
+            atime: nt_time(le64(si, 0x18)),
+            mtime: nt_time(le64(si, 0x08)),
+            ctime: nt_time(le64(si, 0x10)),
+            crtime: Some(nt_time(le64(si, 0))),
+            rdev: node.shape.rdev,
+        }
     }
 }
 
@@ -476,6 +504,19 @@ impl Walk {
         }
         self.node(&b, 0x18, depth, seen, out)
     }
+}
+
+/// The length of the value of the attribute made of `parts` (`None` when there is none):
+/// a resident value's length, or the size the piece at cluster 0 records.
+fn value_size(parts: &[Attr]) -> Option<u64> {
+    let head = parts.iter().find(|a| match &a.body {
+        Body::Resident(_) => true,
+        Body::NonResident(nr) => nr.lowest_vcn == 0,
+    })?;
+    Some(match &head.body {
+        Body::Resident(v) => v.len() as u64,
+        Body::NonResident(nr) => nr.size,
+    })
 }
 
 /// The contents of the attribute made of `parts` (one resident attribute, or the pieces
@@ -591,44 +632,18 @@ impl FileSystem for Ntfs {
     }
 
     fn stat(&self, ino: u64) -> Result<Stat> {
-        if ino >= STREAM_BASE {
-            let (file, name) = self.stream(ino)?;
-            let mut st = self.stat(file)?;
-            let f = self.file(file)?;
-            let size = match self.parts(&f.attrs, record::DATA, DataName::Stream(&name)).first().map(|a| &a.body) {
-                Some(Body::Resident(v)) => v.len() as u64,
-                Some(Body::NonResident(nr)) => nr.size,
-                None => return Err(Error::NotFound(format!("stream {}", String::from_utf16_lossy(&name)))),
-            };
-            st.ino = ino;
-            st.kind = Kind::File;
-            st.perm = if st.perm & 0o200 == 0 { 0o444 } else { 0o644 };
-            st.size = size;
-            st.nlink = 1;
-            st.rdev = None;
-            return Ok(st);
+        if ino < STREAM_BASE {
+            return Ok(Self::stat_of(ino, &self.node(ino)?));
         }
-        let (attributes, si, names, shape) = self.node(ino)?;
-        let perm = match shape.kind {
-            Kind::Dir => 0o755,
-            Kind::Symlink => 0o777,
-            _ if attributes & FILE_ATTRIBUTE_READONLY != 0 => 0o444,
-            _ => 0o644,
-        };
-        Ok(Stat {
-            ino,
-            kind: shape.kind,
-            perm,
-            uid: 0,
-            gid: 0,
-            size: shape.size,
-            nlink: names.max(1) as u32,
-            atime: nt_time(le64(&si, 0x18)),
-            mtime: nt_time(le64(&si, 0x08)),
-            ctime: nt_time(le64(&si, 0x10)),
-            crtime: Some(nt_time(le64(&si, 0))),
-            rdev: shape.rdev,
-        })
+        // A stream: its file's metadata with the stream's size.
+        let (file, name) = self.stream(ino)?;
+        let node = self.node(file)?;
+        let parts = self.parts(&node.file.attrs, record::DATA, DataName::Stream(&name));
+        let size =
+            value_size(&parts).ok_or_else(|| Error::NotFound(format!("stream {}", String::from_utf16_lossy(&name))))?;
+        let st = Self::stat_of(file, &node);
+        let perm = if st.perm & 0o200 == 0 { 0o444 } else { 0o644 };
+        Ok(Stat { ino, kind: Kind::File, perm, size, nlink: 1, rdev: None, ..st })
     }
 
     fn read_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
@@ -657,12 +672,13 @@ impl FileSystem for Ntfs {
     }
 
     fn lookup(&self, dir: u64, name: &[u8]) -> Result<Option<u64>> {
-        if let Some(ino) = self.find_name(dir, name)? {
+        let entries = self.read_dir(dir)?;
+        if let Some(ino) = self.find_name(&entries, name) {
             return Ok(Some(ino));
         }
         // `file:stream` or `file:stream:$DATA` names an alternate data stream.
         let Some(colon) = name.iter().position(|&c| c == b':') else { return Ok(None) };
-        let Some(file) = self.find_name(dir, &name[..colon])? else { return Ok(None) };
+        let Some(file) = self.find_name(&entries, &name[..colon]) else { return Ok(None) };
         let Ok(stream) = std::str::from_utf8(&name[colon + 1..]) else { return Ok(None) };
         let stream = match stream.rsplit_once(':') {
             Some((s, ty)) if ty.eq_ignore_ascii_case("$DATA") => s,
@@ -684,7 +700,7 @@ impl FileSystem for Ntfs {
         if ino >= STREAM_BASE {
             return Err(Error::Unsupported(format!("NTFS node {ino} is a stream, not a symbolic link")));
         }
-        (self.node(ino)?.3)
+        (self.node(ino)?.shape)
             .target
             .ok_or_else(|| Error::Unsupported(format!("NTFS record {ino} is not a symbolic link")))
     }

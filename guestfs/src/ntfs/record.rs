@@ -224,14 +224,8 @@ pub(crate) fn utf16_units(b: &[u8]) -> Vec<u16> {
     b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
 }
 
-/// One entry of an `$ATTRIBUTE_LIST`: which record holds (part of) an attribute.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ListEntry {
-    pub ty: u32,
-    pub record: u64,
-}
-
-pub(crate) fn parse_attribute_list(b: &[u8], at: u64) -> Result<Vec<ListEntry>> {
+/// The records an `$ATTRIBUTE_LIST` names as holding (parts of) the file's attributes.
+pub(crate) fn parse_attribute_list(b: &[u8], at: u64) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     let mut off = 0usize;
     while off + 0x1A <= b.len() {
@@ -239,7 +233,7 @@ pub(crate) fn parse_attribute_list(b: &[u8], at: u64) -> Result<Vec<ListEntry>> 
         if len < 0x1A || off + len > b.len() {
             return Err(Error::corrupt("NTFS attribute list", at + off as u64, format!("entry of {len} bytes")));
         }
-        out.push(ListEntry { ty: le32(b, off), record: record_of(le64(b, off + 0x10)) });
+        out.push(record_of(le64(b, off + 0x10)));
         off += len;
     }
     Ok(out)
