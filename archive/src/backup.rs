@@ -20,8 +20,10 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::chunker::Chunker;
 use crate::error::{Error, Result};
 use crate::extents::{ExtentKind, MapBuilder, StreamMap};
-use crate::id::{ChunkId, PackId, SnapshotId};
-use crate::index::{build_index, IndexSet};
+use crate::id::{ChunkId, ObjectId, PackId, SnapshotId};
+use crate::index::{build_index, IndexSet, LiveIndex};
+use crate::object::STREAM_MAGIC;
+use crate::prune::Condemned;
 use crate::lock::LockKind;
 use crate::manifest::{BackupSummary, Snapshot, SnapshotEntry, StreamKind, StreamRef};
 use crate::pack::{pack_path, seal_chunk, BlobEntry, PackBuilder};
@@ -97,10 +99,12 @@ struct WriterStats {
     stored_bytes: u64,
 }
 
-/// Chunks known to be stored: the parent's, this session's, and the index's.
+/// Chunks known to be stored: the parent's, this session's, and the index's — never one
+/// that only a pack condemned by a pending prune holds (FORMAT.md §14).
 struct Known<'a> {
     repo: &'a Repository,
-    index: &'a IndexSet,
+    index: &'a LiveIndex,
+    condemned: &'a Condemned,
     parent: HashSet<ChunkId>,
     session: Mutex<HashSet<ChunkId>>,
 }
@@ -114,10 +118,16 @@ impl Known<'_> {
         if self.session.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
             return Ok(true);
         }
-        if self.index.lookup(&**self.repo.backend(), self.repo.sealer(), id)?.is_some() {
+        if self.usable(id)? {
             return Ok(true);
         }
         Ok(!self.session.lock().unwrap_or_else(|e| e.into_inner()).insert(*id))
+    }
+
+    /// Whether the index lists `id` in a pack no pending prune will delete.
+    fn usable(&self, id: &ChunkId) -> Result<bool> {
+        let packs = &self.condemned.packs;
+        Ok(self.index.lookup_where(self.repo, id, |p| !packs.contains(p))?.is_some())
     }
 }
 
@@ -139,8 +149,11 @@ pub fn backup(
         }
     }
     let _lock = repo.lock(LockKind::Shared, &format!("backup {}", opts.vm))?;
-    let index = repo.load_index(1024)?;
-    let orphans = adopt_orphan_packs(repo, &index)?;
+    // After the lock, before any dedup decision: the prunes pending now are the ones that
+    // will not wait for this backup.
+    let condemned = Condemned::load(repo)?;
+    let index = LiveIndex::new(repo.load_index(1024)?);
+    let orphans = adopt_orphan_packs(repo, &index.get(), &condemned.packs)?;
     let parent = match &opts.parent {
         ParentChoice::None => None,
         ParentChoice::Latest => repo.latest_snapshot(&opts.vm)?,
@@ -164,13 +177,27 @@ pub fn backup(
         }
         parent_maps.push(pm);
     }
-    for (_, e) in &orphans {
-        parent_ids.insert(e.id);
+    let mut known =
+        Known { repo, index: &index, condemned: &condemned, parent: HashSet::new(), session: Mutex::new(HashSet::new()) };
+    // With a prune pending, a parent's chunk counts only where a pack it keeps holds it;
+    // unchanged ranges whose chunks it will delete are read again from the source.
+    let mut unusable = HashSet::new();
+    if !condemned.packs.is_empty() {
+        for id in parent_ids.drain() {
+            if !known.usable(&id)? {
+                unusable.insert(id);
+            } else {
+                known.parent.insert(id);
+            }
+        }
     }
-    let known = Known { repo, index: &index, parent: parent_ids, session: Mutex::new(HashSet::new()) };
+    known.parent.extend(parent_ids);
+    for (_, e) in &orphans {
+        known.parent.insert(e.id);
+    }
     let chunker = Chunker::new(repo.config().chunker, repo.key().gear_seed())?;
     let plans: Vec<Vec<Range<u64>>> =
-        sources.iter().zip(&parent_maps).map(|(s, pm)| read_plan(s, pm.as_ref())).collect();
+        sources.iter().zip(&parent_maps).map(|(s, pm)| read_plan(s, pm.as_ref(), &unusable)).collect();
     progress.total.store(plans.iter().flatten().map(|r| r.end - r.start).sum(), Ordering::Relaxed);
 
     let workers =
@@ -223,7 +250,9 @@ pub fn backup(
                 format!("map covers {} of {} bytes", map.size, s.dev.len()),
             ));
         }
-        let map_id = repo.save_stream_map(&map)?;
+        let body = map.to_bytes();
+        condemned.wait_for_map(repo, &ObjectId(repo.key().keyed_hash(&body)), std::time::Duration::from_secs(1))?;
+        let map_id = repo.save_object("streams", STREAM_MAGIC, &body)?;
         let (mut data_bytes, mut zero_bytes, mut chunks) = (0, 0, 0);
         for e in &map.extents {
             match e.kind {
@@ -266,11 +295,18 @@ pub fn backup(
     Ok(SnapshotEntry { id, snapshot })
 }
 
-/// The ranges of a source to read: all of it, or its changed ranges widened to the parent's
-/// extents.
-fn read_plan(s: &Source, parent: Option<&StreamMap>) -> Vec<Range<u64>> {
+/// The ranges of a source to read: all of it, or its changed ranges — plus the extents
+/// whose chunks a pending prune deletes — widened to the parent's extents.
+fn read_plan(s: &Source, parent: Option<&StreamMap>, unusable: &HashSet<ChunkId>) -> Vec<Range<u64>> {
     match (&s.changed, parent) {
-        (Some(changed), Some(pm)) => expand_to_extents(changed, pm),
+        (Some(changed), Some(pm)) => {
+            let mut ranges = changed.clone();
+            ranges.extend(pm.extents.iter().filter_map(|e| match e.kind {
+                ExtentKind::Chunk(id) if unusable.contains(&id) => Some(e.offset..e.end()),
+                _ => None,
+            }));
+            expand_to_extents(&ranges, pm)
+        }
         _ => vec![0..s.dev.len()],
     }
 }
@@ -412,12 +448,17 @@ fn write_index(repo: &Repository, pending: &mut Vec<(PackId, BlobEntry)>) -> Res
 }
 
 /// Packs in `data/` that no index file lists (left by a killed backup), with their contents
-/// read from their tables of contents. Damaged ones are skipped; `check` reports them.
-pub fn adopt_orphan_packs(repo: &Repository, index: &IndexSet) -> Result<Vec<(PackId, BlobEntry)>> {
+/// read from their tables of contents. Damaged ones are skipped; `check` reports them. Packs
+/// a pending prune condemned are not adopted: it deletes them.
+pub fn adopt_orphan_packs(
+    repo: &Repository,
+    index: &IndexSet,
+    condemned: &HashSet<PackId>,
+) -> Result<Vec<(PackId, BlobEntry)>> {
     let indexed: HashSet<PackId> = index.files.iter().flat_map(|f| f.packs.iter().copied()).collect();
     let mut out = Vec::new();
     for pack in repo.list_packs()? {
-        if indexed.contains(&pack) {
+        if indexed.contains(&pack) || condemned.contains(&pack) {
             continue;
         }
         if let Ok(entries) = repo.read_pack_toc(&pack) {

@@ -281,6 +281,7 @@ impl IndexFile {
 #[derive(Debug)]
 pub struct IndexSet {
     pub files: Vec<IndexFile>,
+    cache_pages: usize,
     cache: Mutex<LruCache<(usize, usize), Arc<Vec<u8>>>>,
 }
 
@@ -288,7 +289,17 @@ impl IndexSet {
     /// `cache_pages` pages of up to 48 KiB each stay decrypted in memory.
     pub fn new(files: Vec<IndexFile>, cache_pages: usize) -> Self {
         let cap = std::num::NonZeroUsize::new(cache_pages.max(1)).expect("nonzero");
-        Self { files, cache: Mutex::new(LruCache::new(cap)) }
+        Self { files, cache_pages, cache: Mutex::new(LruCache::new(cap)) }
+    }
+
+    /// The page-cache size this set was made with.
+    pub fn cache_pages(&self) -> usize {
+        self.cache_pages
+    }
+
+    /// True when `names` (a listing of `index/`) is exactly the files loaded here.
+    pub fn same_files(&self, names: &[String]) -> bool {
+        names.len() == self.files.len() && names.iter().zip(&self.files).all(|(n, f)| *n == f.name)
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -307,6 +318,18 @@ impl IndexSet {
     /// Find a chunk. When several index files list it (a pack adopted twice, say), any of
     /// their entries is valid; the first found is returned.
     pub fn lookup(&self, backend: &dyn Backend, sealer: &Sealer, id: &ChunkId) -> Result<Option<Location>> {
+        self.lookup_where(backend, sealer, id, |_| true)
+    }
+
+    /// [`lookup`](Self::lookup) among the entries whose pack passes `usable` (a backup
+    /// skips packs a pending prune will delete).
+    pub fn lookup_where(
+        &self,
+        backend: &dyn Backend,
+        sealer: &Sealer,
+        id: &ChunkId,
+        usable: impl Fn(&PackId) -> bool,
+    ) -> Result<Option<Location>> {
         for (fi, file) in self.files.iter().enumerate().rev() {
             if !file.may_contain(id) {
                 continue;
@@ -320,10 +343,61 @@ impl IndexSet {
                 match page[mid * ENTRY..mid * ENTRY + 32].cmp(&id.0[..]) {
                     std::cmp::Ordering::Less => lo = mid + 1,
                     std::cmp::Ordering::Greater => hi = mid,
-                    std::cmp::Ordering::Equal => return Ok(Some(file.entry(&page, mid).1)),
+                    std::cmp::Ordering::Equal => {
+                        let loc = file.entry(&page, mid).1;
+                        if usable(&loc.pack) {
+                            return Ok(Some(loc));
+                        }
+                        break;
+                    }
                 }
             }
         }
         Ok(None)
+    }
+}
+
+/// The index as it is now, reloaded when the files under `index/` change: a prune replaces
+/// index files while backups, mounts and servers keep running (FORMAT.md §14).
+#[derive(Debug)]
+pub struct LiveIndex {
+    current: std::sync::RwLock<Arc<IndexSet>>,
+}
+
+impl LiveIndex {
+    pub fn new(set: IndexSet) -> Self {
+        Self { current: std::sync::RwLock::new(Arc::new(set)) }
+    }
+
+    pub fn get(&self) -> Arc<IndexSet> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reload when `index/` lists other files than those loaded. Returns whether it did.
+    pub fn refresh(&self, repo: &crate::Repository) -> Result<bool> {
+        let names = repo.backend().list("index")?;
+        let cur = self.get();
+        if cur.same_files(&names) {
+            return Ok(false);
+        }
+        let fresh = Arc::new(repo.load_index(cur.cache_pages())?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(true)
+    }
+
+    /// [`IndexSet::lookup_where`], retried on a reloaded index when an index file vanished
+    /// under it (a prune replaced it).
+    pub fn lookup_where(
+        &self,
+        repo: &crate::Repository,
+        id: &ChunkId,
+        usable: impl Fn(&PackId) -> bool,
+    ) -> Result<Option<Location>> {
+        let (backend, sealer) = (&**repo.backend(), &**repo.sealer());
+        let first = self.get().lookup_where(backend, sealer, id, &usable);
+        if matches!(first, Err(Error::Missing { .. })) && self.refresh(repo)? {
+            return self.get().lookup_where(backend, sealer, id, &usable);
+        }
+        first
     }
 }

@@ -26,6 +26,7 @@ pub mod manifest;
 pub mod object;
 pub mod pack;
 pub mod progress;
+pub mod prune;
 pub mod reader;
 pub mod repo;
 pub mod restore;

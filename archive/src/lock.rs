@@ -1,6 +1,8 @@
 //! Repository locks: files in `locks/`, sealed like every other object.
 //!
-//! A backup holds a shared lock; check, prune and key changes hold an exclusive one. To take
+//! Long readers (mount, serve, restore-files) hold a read lock; a backup (and forget) a shared
+//! one; prune a prune lock, which coexists with both and excludes other prunes; check and key
+//! changes an exclusive one, which excludes every other lock (FORMAT.md §9.4). To take
 //! a lock a process writes its lock file first, then lists the others: on a conflict it
 //! removes its own and fails, so two racing processes both back off rather than both win.
 //! A lock is stale when its process is gone (same host) or it has not been refreshed for
@@ -20,8 +22,26 @@ use crate::object::{open_object, seal_object, LOCK_MAGIC};
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LockKind {
+    /// A long reader (mount, serve, restore-files): keeps check and key changes out, and
+    /// nothing else; a prune does not wait for it (FORMAT.md §14 says what readers see).
+    Read,
+    /// A writer of new data (backup, overlay commit, forget).
     Shared,
+    /// Prune: runs beside backups (its own protocol keeps them safe, FORMAT.md §14), never
+    /// beside another prune or an exclusive holder.
+    Prune,
     Exclusive,
+}
+
+impl LockKind {
+    /// Whether a holder of `self` and a holder of `other` may run at the same time.
+    pub fn coexists_with(self, other: LockKind) -> bool {
+        use LockKind::{Exclusive, Prune, Read};
+        match (self, other) {
+            (Exclusive, _) | (_, Exclusive) | (Prune, Prune) => false,
+            (Read | LockKind::Shared | Prune, _) => true,
+        }
+    }
 }
 
 /// The body of a lock file.
@@ -137,7 +157,7 @@ impl LockGuard {
             for l in locks.into_iter().filter(|l| l.name != name) {
                 match l.info {
                     Ok(other) if other.stale_reason(stale_after).is_some() => {}
-                    Ok(other) if kind == LockKind::Shared && other.kind == LockKind::Shared => {}
+                    Ok(other) if kind.coexists_with(other.kind) => {}
                     Ok(other) => return Ok(Some(other.describe())),
                     Err(e) => return Ok(Some(format!("unreadable lock {} ({e})", l.name))),
                 }
@@ -214,7 +234,17 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
         let x = LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Exclusive, "x", stale).unwrap();
         assert!(LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Shared, "y", stale).is_err());
+        assert!(LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Prune, "y", stale).is_err());
         drop(x);
+        // Prune runs beside backups, never beside another prune or check.
+        let p = LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Prune, "p", stale).unwrap();
+        let s = LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Shared, "s", stale).unwrap();
+        assert!(LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Prune, "p2", stale).is_err());
+        assert!(LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Exclusive, "c", stale).is_err());
+        let r = LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Read, "r", stale).unwrap();
+        drop((p, s));
+        assert!(LockGuard::acquire(backend.clone(), sealer.clone(), LockKind::Exclusive, "c", stale).is_err());
+        drop(r);
         assert!(list_locks(&*backend, &sealer).unwrap().is_empty());
     }
 

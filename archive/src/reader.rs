@@ -173,7 +173,7 @@ impl RepoReader {
     ) -> crate::Result<(Arc<ChunkStore>, std::collections::HashSet<crate::SnapshotId>)> {
         // Snapshots listed before the index is loaded: their chunks are all in it.
         let known = repo.list_snapshots()?.into_iter().map(|e| e.id).collect();
-        let store = Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(pages)?), cache));
+        let store = Arc::new(ChunkStore::new(repo.clone(), repo.load_index(pages)?, cache));
         Ok((store, known))
     }
 

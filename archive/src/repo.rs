@@ -351,7 +351,13 @@ impl Repository {
     pub fn load_index(&self, cache_pages: usize) -> Result<IndexSet> {
         let mut files = Vec::new();
         for name in self.backend.list("index")? {
-            files.push(IndexFile::open(&*self.backend, &self.sealer, &name)?);
+            match IndexFile::open(&*self.backend, &self.sealer, &name) {
+                Ok(f) => files.push(f),
+                // Replaced by a prune between the listing and the read. Its replacement was
+                // written first; if this listing missed it, readers that miss a chunk reload.
+                Err(Error::Missing { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(IndexSet::new(files, cache_pages))
     }

@@ -9,7 +9,7 @@ use lru::LruCache;
 
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
-use crate::index::{IndexSet, Location};
+use crate::index::{IndexSet, LiveIndex, Location};
 use crate::pack::{open_chunk_into, pack_path};
 use crate::repo::Repository;
 
@@ -28,7 +28,7 @@ pub fn check_extent_len(id: &ChunkId, got: usize, extent_len: u32) -> Result<()>
 #[derive(Debug)]
 pub struct ChunkStore {
     repo: Arc<Repository>,
-    index: Arc<IndexSet>,
+    index: LiveIndex,
     cache: Mutex<Cache>,
     inflight: Mutex<HashMap<ChunkId, Slot>>,
 }
@@ -42,10 +42,10 @@ struct Cache {
 
 impl ChunkStore {
     /// `cache_bytes` bounds the decrypted chunks kept in memory.
-    pub fn new(repo: Arc<Repository>, index: Arc<IndexSet>, cache_bytes: usize) -> Self {
+    pub fn new(repo: Arc<Repository>, index: IndexSet, cache_bytes: usize) -> Self {
         Self {
             repo,
-            index,
+            index: LiveIndex::new(index),
             cache: Mutex::new(Cache { lru: LruCache::unbounded(), bytes: 0, budget: cache_bytes }),
             inflight: Mutex::new(HashMap::new()),
         }
@@ -55,13 +55,13 @@ impl ChunkStore {
         &self.repo
     }
 
-    pub fn index(&self) -> &Arc<IndexSet> {
-        &self.index
+    pub fn index(&self) -> Arc<IndexSet> {
+        self.index.get()
     }
 
     pub fn locate(&self, id: &ChunkId) -> Result<Location> {
         self.index
-            .lookup(&**self.repo.backend(), self.repo.sealer(), id)?
+            .lookup_where(&self.repo, id, |_| true)?
             .ok_or_else(|| Error::Missing { object: format!("chunk {}", id.short()), referenced_by: None })
     }
 
@@ -73,11 +73,37 @@ impl ChunkStore {
     }
 
     /// Read a chunk into `out`, using `blob` as scratch space (both reusable).
+    ///
+    /// A prune may move a chunk to another pack and delete the old one while this store is
+    /// open: a chunk not found, or found in a pack that is gone, is looked up once more in
+    /// the index as it is now. Still missing then means no snapshot needs it any more (the
+    /// snapshot was forgotten and pruned) or the repository is damaged; the error says so.
     pub fn fetch_into(&self, id: &ChunkId, blob: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
-        let loc = self.locate(id)?;
+        let first = self.locate(id).and_then(|loc| self.read_blob(&loc, blob).map(|()| loc));
+        let loc = match first {
+            Ok(loc) => loc,
+            Err(Error::Missing { object, .. }) => {
+                let gone = || Error::Missing {
+                    object,
+                    referenced_by: Some("a snapshot read here; it may have been forgotten and pruned".into()),
+                };
+                if !self.index.refresh(&self.repo)? {
+                    return Err(gone());
+                }
+                match self.locate(id).and_then(|loc| self.read_blob(&loc, blob).map(|()| loc)) {
+                    Ok(loc) => loc,
+                    Err(Error::Missing { .. }) => return Err(gone()),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        open_chunk_into(self.repo.sealer(), self.repo.key(), id, blob, loc.raw_len, &pack_path(&loc.pack), out)
+    }
+
+    fn read_blob(&self, loc: &Location, blob: &mut Vec<u8>) -> Result<()> {
         let path = pack_path(&loc.pack);
-        self.repo.backend().read_range_into(&path, u64::from(loc.offset), loc.stored_len as usize, blob)?;
-        open_chunk_into(self.repo.sealer(), self.repo.key(), id, blob, loc.raw_len, &path, out)
+        self.repo.backend().read_range_into(&path, u64::from(loc.offset), loc.stored_len as usize, blob)
     }
 
     pub fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {

@@ -39,7 +39,7 @@ pub fn backup_mem(repo: &Repository, vm: &str, streams: &[(&str, &[u8])]) -> Sna
 
 pub fn reader(repo: Arc<Repository>, snap: &SnapshotEntry, stream: &str, cache: usize) -> StreamReader {
     let map = repo.load_stream_map(&snap.snapshot.stream(stream).unwrap().map.parse().unwrap()).unwrap();
-    let index = Arc::new(repo.load_index(64).unwrap());
+    let index = repo.load_index(64).unwrap();
     StreamReader::new(Arc::new(ChunkStore::new(repo, index, cache)), map, ReadAhead::default())
 }
 

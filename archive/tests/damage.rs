@@ -42,7 +42,7 @@ fn read_back(root: &Path, data: &[u8]) -> Result<(), String> {
     let map = repo
         .load_stream_map(&sref.map.parse().map_err(|e: archive::Error| e.to_string())?)
         .map_err(|e| e.to_string())?;
-    let index = Arc::new(repo.load_index(16).map_err(|e| e.to_string())?);
+    let index = repo.load_index(16).map_err(|e| e.to_string())?;
     let store = Arc::new(archive::store::ChunkStore::new(Arc::new(repo), index, 1 << 20));
     let r = archive::reader::StreamReader::new(store, map, Default::default());
     let mut buf = vec![0u8; data.len()];

@@ -60,7 +60,7 @@ proptest! {
         }
         // Restore onto a device equals the source.
         let target = MemDev::new(vec![0x55u8; data.len()]);
-        let store = archive::store::ChunkStore::new(repo.clone(), Arc::new(repo.load_index(16).unwrap()), 0);
+        let store = archive::store::ChunkStore::new(repo.clone(), repo.load_index(16).unwrap(), 0);
         let opts = archive::restore::RestoreOptions { threads: 3, write_zeros: true };
         archive::restore::restore(&store, r.map(), &target, opts, &Default::default()).unwrap();
         prop_assert!(target.to_vec() == data);

@@ -89,6 +89,11 @@ pub struct ForgetArgs {
     /// Print what would be removed and remove nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Then delete the data no remaining snapshot needs (as `vmvault prune`).
+    #[arg(long)]
+    prune: bool,
+    #[command(flatten)]
+    prune_flags: crate::prune::PruneFlags,
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +247,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mount(a) => crate::mount::run(&ctx, a),
         Command::RestoreFiles(a) => crate::restore_files::run(&ctx, a),
         Command::Check(a) => check(&ctx, a),
+        Command::Prune(a) => crate::prune::run(&ctx, a),
         Command::Stats => stats(&ctx),
         Command::Key(k) => key(&ctx, k),
         Command::Unlock(a) => unlock(&ctx, a),
@@ -413,7 +419,7 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
         tags: a.keep_tag.clone(),
     };
     // Removing manifests never removes data (prune does): a shared lock, like backup.
-    let _lock = repo.lock(archive::lock::LockKind::Shared, "forget")?;
+    let lock = repo.lock(archive::lock::LockKind::Shared, "forget")?;
     let tz = repo.time_zone(a.time_zone.as_deref())?;
     let plan: Vec<(SnapshotEntry, Decision)> = if !a.ids.is_empty() {
         if !policy.is_empty() {
@@ -457,7 +463,12 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
                     "keep": d.keep, "reasons": d.reasons})
             })
             .collect();
-        return ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "removed": removed, "snapshots": rows}));
+        ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "removed": removed, "snapshots": rows}))?;
+        drop(lock);
+        if a.prune {
+            return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run);
+        }
+        return Ok(());
     }
     if !ctx.quiet {
         let mut vm = None;
@@ -482,10 +493,14 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
         }
         let gone = plan.iter().filter(|(_, d)| !d.keep).count();
         let verb = if a.dry_run { "would remove" } else { "removed" };
-        println!(
-            "{} kept, {verb} {gone} (their data stays in the repository: `prune` is not built yet)",
-            plan.len() - gone
-        );
+        let then = if a.prune { "" } else { " (their data stays until `vmvault prune`)" };
+        println!("{} kept, {verb} {gone}{then}", plan.len() - gone);
+    }
+    // The forget lock is shared, the prune lock coexists with it; released anyway, so the
+    // prune does not wait for this process's own forget.
+    drop(lock);
+    if a.prune {
+        return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run);
     }
     Ok(())
 }
@@ -500,7 +515,7 @@ fn split_what(what: &str) -> Result<(&str, &str)> {
 /// A chunk store over the repository's index, keeping `index_pages` index pages and
 /// `cache_bytes` of decompressed chunks in memory.
 pub(crate) fn chunk_store(repo: &Arc<Repository>, index_pages: usize, cache_bytes: usize) -> Result<Arc<ChunkStore>> {
-    Ok(Arc::new(ChunkStore::new(repo.clone(), Arc::new(repo.load_index(index_pages)?), cache_bytes)))
+    Ok(Arc::new(ChunkStore::new(repo.clone(), repo.load_index(index_pages)?, cache_bytes)))
 }
 
 fn open_stream(ctx: &Ctx, what: &str, cache: usize) -> Result<(Arc<ChunkStore>, archive::extents::StreamMap)> {

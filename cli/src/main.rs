@@ -8,6 +8,7 @@ mod mount;
 mod overlay;
 mod password;
 mod progress;
+mod prune;
 mod restore_files;
 mod serve;
 mod stages;
@@ -65,6 +66,9 @@ pub enum Command {
     RestoreFiles(restore_files::RestoreFilesArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(commands::CheckArgs),
+    /// Delete packs and stream maps no snapshot needs, repack mostly unused packs; safe
+    /// while backups run.
+    Prune(prune::PruneArgs),
     /// Logical versus stored bytes, dedup and compression ratios.
     Stats,
     /// Manage the key files (passphrases) of a repository.

@@ -30,7 +30,7 @@ pub struct MountArgs {
 
 pub fn run(ctx: &Ctx, a: MountArgs) -> Result<()> {
     let repo = Arc::new(ctx.open()?);
-    let lock = repo.lock(archive::lock::LockKind::Shared, "mount")?;
+    let lock = repo.lock(archive::lock::LockKind::Read, "mount")?;
     let reader = Arc::new(RepoReader::new(repo.clone(), 256, a.cache_mib << 20)?);
     let mut opts = mount::Options { allow_other: a.allow_other, quiet: ctx.quiet, ..Default::default() };
     if let Some(t) = a.threads {

@@ -181,7 +181,7 @@ pub fn run(ctx: &Ctx, a: RestoreFilesArgs) -> Result<()> {
     let i = a.what.find(":/").ok_or_else(|| anyhow!("{:?}: expected SNAPSHOT:/DISK/VOLUME/PATH", a.what))?;
     let (snap, path) = (&a.what[..i], &a.what[i + 1..]);
     let repo = Arc::new(ctx.open()?);
-    let _lock = repo.lock(archive::lock::LockKind::Shared, "restore-files")?;
+    let _lock = repo.lock(archive::lock::LockKind::Read, "restore-files")?;
     let entry = repo.resolve_snapshot(snap)?;
     let reader = RepoReader::new(repo, 256, 256 << 20)?;
     let guest = open_guest(&reader, &entry)?;

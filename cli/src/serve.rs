@@ -242,7 +242,7 @@ pub fn run(ctx: &Ctx, args: ServeArgs) -> Result<()> {
         }
         None => {
             let repo = Arc::new(ctx.open()?);
-            let lock = repo.lock(archive::lock::LockKind::Shared, "serve")?;
+            let lock = repo.lock(archive::lock::LockKind::Read, "serve")?;
             let session = match (&args.overlay_dir, args.writable) {
                 (Some(dir), true) => Some(session_dir(dir, args.session.as_deref())?),
                 _ => None,

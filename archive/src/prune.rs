@@ -1,0 +1,695 @@
+//! Prune: delete the packs and stream maps no snapshot needs, repack packs that are mostly
+//! unused, rewrite the index — while backups keep running, and so that a crash at any point
+//! loses nothing. The protocol and why it is safe are in FORMAT.md §14; in short:
+//!
+//! 1. **Mark.** Read every manifest and stream map; the live set is every chunk they name.
+//! 2. **Plan.** Walk the index page by page, counting live and dead bytes per pack. Packs
+//!    with no live chunk (and packs no index lists) are to be deleted; partly used packs are
+//!    repacked, emptiest first, until the unused space left is within `max_unused`.
+//! 3. **Condemn.** Write `prune/<name>` listing those packs and the unreferenced stream maps,
+//!    *then* list the locks: every backup that took its lock before that listing is waited
+//!    for; every later one reads the marker after taking its lock and never reuses a chunk
+//!    that only a condemned pack holds, nor a condemned stream map while the marker exists.
+//! 4. **Wait** until those backups are gone, then **commit**: mark again (their manifests
+//!    now count), copy every still-live chunk out of the condemned packs into new packs and
+//!    index them, replace the index files that name condemned packs, delete the condemned
+//!    packs and the still-unreferenced maps, and last the marker.
+//!
+//! Memory: the live set is a sorted list of 8-byte chunk-id prefixes (a dead chunk whose
+//! prefix equals a live one's is kept — a miss that can only keep, never delete), the
+//! per-pack counters, and the live entries of condemned packs; index pages and stream maps
+//! are read one at a time. Ten million chunks fit in well under 512 MiB.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::extents::ExtentKind;
+use crate::id::{ChunkId, ObjectId, PackId};
+use crate::index::build_index;
+use crate::lock::{list_locks, LockKind};
+use crate::object::{open_object, seal_object};
+use crate::pack::{open_chunk, pack_path, BlobEntry, PackBuilder};
+use crate::progress::Progress;
+use crate::repo::Repository;
+
+/// Folder of pending prune markers.
+pub const PRUNE_DIR: &str = "prune";
+pub const PRUNE_MAGIC: &[u8; 8] = b"VMVPRUN1";
+/// Entries per index file prune writes.
+const INDEX_FILE_ENTRIES: usize = 1 << 19;
+
+/// A pending prune: what it will delete. Written before it waits, removed when it is done.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneMarker {
+    pub version: u32,
+    pub created: String,
+    pub host: String,
+    pub pid: u32,
+    /// Packs (hex ids) this prune deletes, after copying out whatever is live in them then.
+    pub packs: Vec<String>,
+    /// Stream maps (hex ids) no manifest named when the marker was written.
+    pub maps: Vec<String>,
+    /// Names of the shared locks held when the marker was written: the backups that may
+    /// have reused condemned chunks before they could see it. `null` until recorded (a
+    /// prune killed in between): then every shared lock present counts.
+    pub waiting_for: Option<Vec<String>>,
+}
+
+/// The condemned packs and maps of every pending prune, as a backup sees them.
+#[derive(Debug, Default)]
+pub struct Condemned {
+    pub packs: HashSet<PackId>,
+    /// Map id → names of the markers that condemn it.
+    pub maps: HashMap<ObjectId, Vec<String>>,
+}
+
+impl Condemned {
+    /// Read every marker in `prune/`. A marker that cannot be read is an error: nobody can
+    /// tell what it condemns.
+    pub fn load(repo: &Repository) -> Result<Self> {
+        let mut out = Self::default();
+        for (name, m) in pending(repo)? {
+            for p in &m.packs {
+                out.packs.insert(p.parse()?);
+            }
+            for id in &m.maps {
+                out.maps.entry(id.parse()?).or_default().push(name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packs.is_empty() && self.maps.is_empty()
+    }
+
+    /// Before a backup saves stream map `id`: when a marker it saw at its start condemns
+    /// the map, wait until that prune is finished (it may delete the map), so the map is
+    /// written, or found, after. `poll` is how often to look.
+    pub fn wait_for_map(&self, repo: &Repository, id: &ObjectId, poll: Duration) -> Result<()> {
+        let Some(markers) = self.maps.get(id) else { return Ok(()) };
+        for m in markers {
+            let path = format!("{PRUNE_DIR}/{m}");
+            let mut said = false;
+            while repo.backend().exists(&path) {
+                if !said {
+                    eprintln!("waiting for the prune of {m} to finish: it removes stream map {}", id.short());
+                    said = true;
+                }
+                std::thread::sleep(poll);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every pending marker, by name.
+pub fn pending(repo: &Repository) -> Result<Vec<(String, PruneMarker)>> {
+    let mut out = Vec::new();
+    for name in repo.backend().list(PRUNE_DIR)? {
+        let path = format!("{PRUNE_DIR}/{name}");
+        let bytes = match repo.backend().read(&path) {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => continue, // finished meanwhile
+            Err(e) => return Err(e),
+        };
+        let body = open_object(repo.sealer(), PRUNE_MAGIC, &bytes, &path)?;
+        let m: PruneMarker = serde_json::from_slice(&body).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+        if m.version != 1 {
+            return Err(Error::Unsupported(format!("{path}: prune marker version {}", m.version)));
+        }
+        out.push((name, m));
+    }
+    Ok(out)
+}
+
+fn write_marker(repo: &Repository, name: &str, m: &PruneMarker) -> Result<()> {
+    let body = serde_json::to_vec(m).expect("marker serializes");
+    repo.backend().write(&format!("{PRUNE_DIR}/{name}"), &seal_object(repo.sealer(), PRUNE_MAGIC, &body, 3)?)
+}
+
+/// How prune chooses and behaves.
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    /// Unused space (fraction of the repository after prune) left in partly used packs
+    /// rather than repacked. 0 repacks every pack with a dead chunk; 1 repacks none.
+    pub max_unused: f64,
+    /// Plan only: nothing is written or deleted.
+    pub dry_run: bool,
+    /// How often to look whether the backups a prune waits for have finished.
+    pub poll: Duration,
+    /// Stop waiting after this long and leave the prune pending (a later `prune` finishes
+    /// it); `None` waits as long as it takes.
+    pub max_wait: Option<Duration>,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        Self { max_unused: 0.05, dry_run: false, poll: Duration::from_secs(1), max_wait: None }
+    }
+}
+
+/// The points between a prune's steps, where a test can stop it as if killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    MarkerWritten,
+    WaitRecorded,
+    PackWritten,
+    IndexWritten,
+    IndexRemoved,
+    PackRemoved,
+    MapRemoved,
+}
+
+/// One pack in a plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct PackPlan {
+    pub pack: String,
+    /// File size.
+    pub bytes: u64,
+    /// Stored bytes of live chunks.
+    pub live_bytes: u64,
+    pub chunks: u64,
+    pub live_chunks: u64,
+}
+
+/// What a prune found and decided (the `--dry-run` output).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Plan {
+    pub snapshots: usize,
+    pub live_chunks: u64,
+    pub packs: usize,
+    pub pack_bytes: u64,
+    /// Bytes of dead chunks in packs that are kept.
+    pub unused_bytes_left: u64,
+    /// No live chunk (or listed by no index file): deleted.
+    pub delete: Vec<PackPlan>,
+    /// Partly used: live chunks copied to new packs, then deleted.
+    pub repack: Vec<PackPlan>,
+    pub unreferenced_maps: usize,
+}
+
+impl Plan {
+    pub fn freed_bytes(&self) -> u64 {
+        self.delete.iter().chain(&self.repack).map(|p| p.bytes - p.live_bytes).sum()
+    }
+}
+
+/// What a finished (or still pending) prune did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// Markers of earlier, interrupted prunes that this run finished first (a dry run:
+    /// that a real run would finish first).
+    pub resumed: usize,
+    pub plan: Plan,
+    /// True when the prune stopped waiting (`max_wait`) and is left pending.
+    pub pending: bool,
+    /// Backups waited for (lock descriptions).
+    pub waited_for: Vec<String>,
+    pub packs_deleted: usize,
+    pub bytes_deleted: u64,
+    /// Condemned packs found fully live again at commit (a backup reused them) and kept.
+    pub packs_kept: usize,
+    pub packs_written: usize,
+    pub bytes_written: u64,
+    pub chunks_copied: u64,
+    pub index_files_removed: usize,
+    pub index_files_written: usize,
+    pub maps_deleted: usize,
+}
+
+/// Run a prune with no test hook.
+pub fn prune(repo: &Repository, opts: &PruneOptions, progress: &Progress) -> Result<PruneReport> {
+    prune_with(repo, opts, progress, &|_| Ok(()))
+}
+
+/// [`prune`], calling `hook` between steps; an error from it stops the prune there, as a
+/// kill would (every file is written atomically, so that is the same state).
+pub fn prune_with(
+    repo: &Repository,
+    opts: &PruneOptions,
+    progress: &Progress,
+    hook: &dyn Fn(Step) -> Result<()>,
+) -> Result<PruneReport> {
+    if !(0.0..=1.0).contains(&opts.max_unused) {
+        return Err(Error::Usage(format!("max unused {} must be between 0 and 1", opts.max_unused)));
+    }
+    let mut report = PruneReport::default();
+    if opts.dry_run {
+        let live = mark(repo)?;
+        report.plan = plan(repo, &live, opts.max_unused, progress)?.0;
+        report.resumed = pending(repo)?.len();
+        return Ok(report);
+    }
+    let _lock = repo.lock(LockKind::Prune, "prune")?;
+    // Finish what an interrupted prune left first: its marker still condemns packs.
+    for (name, marker) in pending(repo)? {
+        if !wait(repo, &name, &marker, opts, &mut report)? {
+            report.pending = true;
+            return Ok(report);
+        }
+        commit(repo, &name, &marker, progress, hook, &mut report)?;
+        report.resumed += 1;
+    }
+    let live = mark(repo)?;
+    let (plan, maps) = plan(repo, &live, opts.max_unused, progress)?;
+    report.plan = plan;
+    if report.plan.delete.is_empty() && report.plan.repack.is_empty() && maps.is_empty() {
+        return Ok(report);
+    }
+    let name = hex::encode(crate::crypto::random_array::<16>()?);
+    let mut marker = PruneMarker {
+        version: 1,
+        created: jiff::Timestamp::now().to_string(),
+        host: crate::lock::hostname(),
+        pid: std::process::id(),
+        packs: report.plan.delete.iter().chain(&report.plan.repack).map(|p| p.pack.clone()).collect(),
+        maps: maps.iter().map(ObjectId::to_hex).collect(),
+        waiting_for: None,
+    };
+    write_marker(repo, &name, &marker)?;
+    hook(Step::MarkerWritten)?;
+    // Write, then list: a backup whose lock is not in this listing wrote it after the
+    // marker existed, so it reads the marker.
+    let holders = list_locks(&**repo.backend(), repo.sealer())?;
+    marker.waiting_for = Some(
+        holders
+            .into_iter()
+            .filter(|l| l.info.as_ref().map_or(true, |i| i.kind == LockKind::Shared))
+            .map(|l| l.name)
+            .collect(),
+    );
+    write_marker(repo, &name, &marker)?;
+    hook(Step::WaitRecorded)?;
+    if !wait(repo, &name, &marker, opts, &mut report)? {
+        report.pending = true;
+        return Ok(report);
+    }
+    commit(repo, &name, &marker, progress, hook, &mut report)?;
+    Ok(report)
+}
+
+/// Wait until the backups a marker names are gone. False when `max_wait` ran out.
+fn wait(
+    repo: &Repository,
+    marker_name: &str,
+    m: &PruneMarker,
+    opts: &PruneOptions,
+    report: &mut PruneReport,
+) -> Result<bool> {
+    let start = Instant::now();
+    let mut said = HashSet::new();
+    loop {
+        let mut busy = Vec::new();
+        for l in list_locks(&**repo.backend(), repo.sealer())? {
+            let named = m.waiting_for.as_ref().is_none_or(|w| w.contains(&l.name));
+            match &l.info {
+                Ok(info) if !named || info.kind != LockKind::Shared => {}
+                Ok(info) if info.stale_reason(repo.stale_after).is_some() => {}
+                Ok(info) => busy.push((l.name.clone(), info.describe())),
+                // A lock nobody can read may be a backup's: wait for it like one.
+                Err(e) if named => busy.push((l.name.clone(), format!("unreadable lock {} ({e})", l.name))),
+                Err(_) => {}
+            }
+        }
+        if busy.is_empty() {
+            return Ok(true);
+        }
+        for (name, desc) in busy {
+            if said.insert(name) {
+                eprintln!("prune {}: waiting for a backup that started before it: {desc}", &marker_name[..8]);
+                report.waited_for.push(desc);
+            }
+        }
+        if opts.max_wait.is_some_and(|w| start.elapsed() >= w) {
+            return Ok(false);
+        }
+        std::thread::sleep(opts.poll);
+    }
+}
+
+/// Chunk ids (as 8-byte prefixes) named by every manifest, and the stream maps they use.
+#[derive(Debug)]
+pub struct Live {
+    prefixes: Vec<u64>,
+    pub maps: HashSet<ObjectId>,
+    pub snapshots: usize,
+}
+
+fn prefix(id: &ChunkId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+impl Live {
+    /// True when `id` may be live (a false "live" only keeps a dead chunk).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.prefixes.binary_search(&prefix(id)).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.prefixes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prefixes.is_empty()
+    }
+}
+
+/// Read every manifest and every stream map it names. Any unreadable one stops the prune:
+/// what it references would otherwise count as dead.
+pub fn mark(repo: &Repository) -> Result<Live> {
+    let mut prefixes: Vec<u64> = Vec::new();
+    let mut compacted = 0usize;
+    let mut maps = HashSet::new();
+    let mut snapshots = 0;
+    for name in repo.backend().list("snapshots")? {
+        let id: ObjectId = name.parse().map_err(|_| {
+            Error::corrupt(format!("snapshots/{name}"), "not a snapshot id; remove it or run check")
+        })?;
+        let snap = match repo.load_snapshot(&id) {
+            Ok(s) => s,
+            Err(Error::Missing { .. }) => continue, // forgotten meanwhile
+            Err(e) => return Err(with_hint(e)),
+        };
+        snapshots += 1;
+        for s in &snap.streams {
+            let map_id: ObjectId = s.map.parse()?;
+            if !maps.insert(map_id) {
+                continue;
+            }
+            let map = repo.load_stream_map(&map_id).map_err(with_hint)?;
+            for e in &map.extents {
+                if let ExtentKind::Chunk(c) = e.kind {
+                    prefixes.push(prefix(&c));
+                }
+            }
+            // Keep the list near its distinct size: snapshots share most chunks.
+            if prefixes.len() > 2 * compacted.max(1 << 16) {
+                prefixes.sort_unstable();
+                prefixes.dedup();
+                compacted = prefixes.len();
+            }
+        }
+    }
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    prefixes.shrink_to_fit();
+    Ok(Live { prefixes, maps, snapshots })
+}
+
+fn with_hint(e: Error) -> Error {
+    match e {
+        Error::Corrupt { object, detail } => Error::Corrupt {
+            object,
+            detail: format!("{detail}; prune stops rather than guess what it references (run check)"),
+        },
+        other => other,
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct PackCount {
+    chunks: u64,
+    live_chunks: u64,
+    stored: u64,
+    live_stored: u64,
+}
+
+/// Count live and dead bytes per pack and choose what to delete and repack. Also returns
+/// the stream maps no manifest names.
+fn plan(repo: &Repository, live: &Live, max_unused: f64, progress: &Progress) -> Result<(Plan, Vec<ObjectId>)> {
+    let index = repo.load_index(4)?;
+    let mut counts: HashMap<PackId, PackCount> = HashMap::new();
+    progress.total.store(index.files.iter().map(|f| f.page_count() as u64).sum(), Ordering::Relaxed);
+    for f in &index.files {
+        for p in 0..f.page_count() {
+            let page = f.read_page(&**repo.backend(), repo.sealer(), p)?;
+            for (id, loc) in f.entries(&page) {
+                let c = counts.entry(loc.pack).or_default();
+                c.chunks += 1;
+                c.stored += u64::from(loc.stored_len);
+                if live.contains(&id) {
+                    c.live_chunks += 1;
+                    c.live_stored += u64::from(loc.stored_len);
+                }
+            }
+            progress.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let present = repo.list_packs()?;
+    let present_set: HashSet<PackId> = present.iter().copied().collect();
+    if let Some(gone) = counts.keys().find(|p| !present_set.contains(p)) {
+        return Err(Error::Missing {
+            object: pack_path(gone),
+            referenced_by: Some("the index; prune stops (run check)".into()),
+        });
+    }
+    let mut out = Plan { snapshots: live.snapshots, live_chunks: live.len() as u64, ..Plan::default() };
+    let mut partial = Vec::new();
+    for pack in &present {
+        let bytes = repo.backend().size(&pack_path(pack))?;
+        out.packs += 1;
+        out.pack_bytes += bytes;
+        let c = counts.get(pack).copied().unwrap_or_default();
+        let pp = PackPlan {
+            pack: pack.to_hex(),
+            bytes,
+            live_bytes: c.live_stored,
+            chunks: c.chunks,
+            live_chunks: c.live_chunks,
+        };
+        if c.live_chunks == 0 {
+            out.delete.push(pp); // unused, or listed by no index (a killed backup's)
+        } else if c.live_chunks < c.chunks {
+            partial.push(pp);
+        }
+    }
+    // Repack the emptiest packs until what stays unused is within the limit.
+    partial.sort_by(|a, b| (a.live_bytes * b.bytes).cmp(&(b.live_bytes * a.bytes)).then(a.pack.cmp(&b.pack)));
+    let deleted: u64 = out.delete.iter().map(|p| p.bytes).sum();
+    let mut unused: u64 = partial.iter().map(|p| p.bytes - p.live_bytes.min(p.bytes)).sum();
+    let mut after = out.pack_bytes - deleted;
+    for p in partial {
+        if unused as f64 <= max_unused * after as f64 {
+            break;
+        }
+        let dead = p.bytes - p.live_bytes.min(p.bytes);
+        unused -= dead;
+        after -= dead;
+        out.repack.push(p);
+    }
+    out.unused_bytes_left = unused;
+    let mut maps = Vec::new();
+    for name in repo.backend().list("streams")? {
+        match name.parse::<ObjectId>() {
+            Ok(id) if id.to_hex() == name && !live.maps.contains(&id) => maps.push(id),
+            _ => {}
+        }
+    }
+    out.unreferenced_maps = maps.len();
+    Ok((out, maps))
+}
+
+/// Finish a marker: copy out what is live in its packs, replace the index files that name
+/// them, delete them and the maps still unreferenced, then the marker.
+fn commit(
+    repo: &Repository,
+    marker_name: &str,
+    m: &PruneMarker,
+    progress: &Progress,
+    hook: &dyn Fn(Step) -> Result<()>,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let condemned: HashSet<PackId> = m.packs.iter().map(|p| p.parse()).collect::<Result<_>>()?;
+    let live = mark(repo)?;
+    let index = repo.load_index(64)?;
+
+    // Live entries of condemned packs, and which condemned packs any index still lists.
+    let mut to_copy: Vec<(PackId, BlobEntry)> = Vec::new();
+    let mut counts: HashMap<PackId, PackCount> = HashMap::new();
+    for f in &index.files {
+        if !f.packs.iter().any(|p| condemned.contains(p)) {
+            continue;
+        }
+        for p in 0..f.page_count() {
+            let page = f.read_page(&**repo.backend(), repo.sealer(), p)?;
+            for (id, loc) in f.entries(&page) {
+                if !condemned.contains(&loc.pack) {
+                    continue;
+                }
+                let c = counts.entry(loc.pack).or_default();
+                c.chunks += 1;
+                if live.contains(&id) {
+                    c.live_chunks += 1;
+                    to_copy.push((
+                        loc.pack,
+                        BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len },
+                    ));
+                }
+            }
+        }
+    }
+    let present: HashSet<PackId> = repo.list_packs()?.into_iter().collect();
+    // Condemned packs no index lists (a killed backup's, or ones an interrupted prune
+    // already unlisted): their tables of contents say what they hold.
+    for pack in condemned.iter().filter(|p| present.contains(p) && !counts.contains_key(p)) {
+        let Ok(entries) = repo.read_pack_toc(pack) else { continue }; // damaged: nothing can use it
+        for e in entries.into_iter().filter(|e| live.contains(&e.id)) {
+            to_copy.push((*pack, e));
+        }
+    }
+    // A condemned pack a backup made fully live again (it was waited for) stays as it is.
+    let keep: HashSet<PackId> = counts
+        .iter()
+        .filter(|(_, c)| c.chunks > 0 && c.live_chunks == c.chunks)
+        .map(|(p, _)| *p)
+        .collect();
+    report.packs_kept += keep.len();
+    let doomed: HashSet<PackId> = condemned.iter().filter(|p| !keep.contains(p)).copied().collect();
+    to_copy.retain(|(p, _)| doomed.contains(p));
+    to_copy.sort_by(|a, b| (a.0, a.1.offset).cmp(&(b.0, b.1.offset)));
+    // Copied already (an interrupted commit), or stored elsewhere too: not again.
+    let mut seen = HashSet::new();
+    let mut copy = Vec::with_capacity(to_copy.len());
+    for (pack, e) in to_copy {
+        if !seen.insert(e.id) {
+            continue;
+        }
+        let elsewhere =
+            index.lookup_where(&**repo.backend(), repo.sealer(), &e.id, |p| !condemned.contains(p))?.is_some();
+        if !elsewhere {
+            copy.push((pack, e));
+        }
+    }
+    drop(seen);
+    copy_chunks(repo, &copy, progress, hook, report)?;
+
+    // Replace every index file that lists a doomed pack by one without those entries.
+    let index = repo.load_index(4)?;
+    let mut replaced = Vec::new();
+    let mut kept_entries: Vec<(PackId, BlobEntry)> = Vec::new();
+    for f in &index.files {
+        if !f.packs.iter().any(|p| doomed.contains(p)) {
+            continue;
+        }
+        for p in 0..f.page_count() {
+            let page = f.read_page(&**repo.backend(), repo.sealer(), p)?;
+            for (id, loc) in f.entries(&page) {
+                if !doomed.contains(&loc.pack) {
+                    kept_entries.push((
+                        loc.pack,
+                        BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len },
+                    ));
+                }
+            }
+            if kept_entries.len() >= INDEX_FILE_ENTRIES {
+                write_index(repo, &mut kept_entries, hook, report)?;
+            }
+        }
+        replaced.push(f.name.clone());
+    }
+    write_index(repo, &mut kept_entries, hook, report)?;
+    for name in replaced {
+        repo.backend().remove(&format!("index/{name}"))?;
+        report.index_files_removed += 1;
+        hook(Step::IndexRemoved)?;
+    }
+    // No index names them now: delete.
+    for pack in &doomed {
+        if !present.contains(pack) {
+            continue;
+        }
+        let path = pack_path(pack);
+        report.bytes_deleted += repo.backend().size(&path).unwrap_or(0);
+        repo.backend().remove(&path)?;
+        report.packs_deleted += 1;
+        hook(Step::PackRemoved)?;
+    }
+    // Maps: still unreferenced after the waited-for backups saved theirs.
+    let live = mark(repo)?;
+    for id in &m.maps {
+        let id: ObjectId = id.parse()?;
+        if !live.maps.contains(&id) {
+            repo.backend().remove(&format!("streams/{}", id.to_hex()))?;
+            report.maps_deleted += 1;
+            hook(Step::MapRemoved)?;
+        }
+    }
+    repo.backend().remove(&format!("{PRUNE_DIR}/{marker_name}"))
+}
+
+fn write_index(
+    repo: &Repository,
+    entries: &mut Vec<(PackId, BlobEntry)>,
+    hook: &dyn Fn(Step) -> Result<()>,
+    report: &mut PruneReport,
+) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let (id, bytes) = build_index(repo.sealer(), entries)?;
+    repo.backend().write(&format!("index/{}", id.to_hex()), &bytes)?;
+    entries.clear();
+    report.index_files_written += 1;
+    hook(Step::IndexWritten)
+}
+
+/// Copy blobs (verified: a damaged chunk stops the prune before anything is deleted) into
+/// new packs, and index them. `chunks` is sorted by pack so each source pack is read once.
+fn copy_chunks(
+    repo: &Repository,
+    chunks: &[(PackId, BlobEntry)],
+    progress: &Progress,
+    hook: &dyn Fn(Step) -> Result<()>,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let target = repo.config().pack_size as usize;
+    let mut pack = PackBuilder::new();
+    let mut entries: Vec<(PackId, BlobEntry)> = Vec::new();
+    let flush = |pack: PackBuilder, entries: &mut Vec<(PackId, BlobEntry)>, report: &mut PruneReport| {
+        let (id, bytes, written) = pack.finish(repo.sealer())?;
+        repo.backend().write(&pack_path(&id), &bytes)?;
+        report.packs_written += 1;
+        report.bytes_written += bytes.len() as u64;
+        entries.extend(written.into_iter().map(|e| (id, e)));
+        hook(Step::PackWritten)
+    };
+    progress.total.store(chunks.iter().map(|(_, e)| u64::from(e.stored_len)).sum(), Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    let mut i = 0;
+    while i < chunks.len() {
+        let src = chunks[i].0;
+        let n = chunks[i..].iter().take_while(|(p, _)| *p == src).count();
+        let path = pack_path(&src);
+        let bytes = repo.backend().read(&path)?;
+        for (_, e) in &chunks[i..i + n] {
+            let (start, end) = (e.offset as usize, e.offset as usize + e.stored_len as usize);
+            let blob = bytes
+                .get(start..end)
+                .ok_or_else(|| Error::corrupt(&path, format!("chunk {} lies past the end", e.id.short())))?;
+            open_chunk(repo.sealer(), repo.key(), &e.id, blob, e.raw_len, &path)?;
+            pack.add(e.id, blob, e.raw_len);
+            report.chunks_copied += 1;
+            progress.done.fetch_add(u64::from(e.stored_len), Ordering::Relaxed);
+            if pack.len() >= target {
+                flush(std::mem::take(&mut pack), &mut entries, report)?;
+            }
+        }
+        i += n;
+    }
+    if !pack.is_empty() {
+        flush(pack, &mut entries, report)?;
+    }
+    // The new packs are durable; now index them, before any old pack goes.
+    while !entries.is_empty() {
+        let rest = entries.split_off(entries.len().min(INDEX_FILE_ENTRIES));
+        write_index(repo, &mut entries, hook, report)?;
+        entries = rest;
+    }
+    Ok(())
+}
