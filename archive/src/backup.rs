@@ -22,12 +22,12 @@ use crate::error::{Error, Result};
 use crate::extents::{ExtentKind, MapBuilder, StreamMap};
 use crate::id::{ChunkId, ObjectId, PackId, SnapshotId};
 use crate::index::{build_index, IndexSet, LiveIndex};
-use crate::object::STREAM_MAGIC;
-use crate::prune::Condemned;
 use crate::lock::LockKind;
 use crate::manifest::{BackupSummary, Snapshot, SnapshotEntry, StreamKind, StreamRef};
+use crate::object::STREAM_MAGIC;
 use crate::pack::{pack_path, seal_chunk, BlobEntry, PackBuilder};
 use crate::progress::Progress;
+use crate::prune::Condemned;
 use crate::repo::Repository;
 
 /// One stream to back up.
@@ -177,8 +177,13 @@ pub fn backup(
         }
         parent_maps.push(pm);
     }
-    let mut known =
-        Known { repo, index: &index, condemned: &condemned, parent: HashSet::new(), session: Mutex::new(HashSet::new()) };
+    let mut known = Known {
+        repo,
+        index: &index,
+        condemned: &condemned,
+        parent: HashSet::new(),
+        session: Mutex::new(HashSet::new()),
+    };
     // With a prune pending, a parent's chunk counts only where a pack it keeps holds it;
     // unchanged ranges whose chunks it will delete are read again from the source.
     let mut unusable = HashSet::new();

@@ -55,8 +55,9 @@ pub struct PruneMarker {
     /// Stream maps (hex ids) no manifest named when the marker was written.
     pub maps: Vec<String>,
     /// Names of the shared locks held when the marker was written: the backups that may
-    /// have reused condemned chunks before they could see it. `null` until recorded (a
-    /// prune killed in between): then every shared lock present counts.
+    /// have reused condemned chunks before they could see it. `null` until recorded.
+    /// Informational for a prune that resumes the marker: it waits for every backup
+    /// running when it resumes.
     pub waiting_for: Option<Vec<String>>,
 }
 
@@ -89,14 +90,15 @@ impl Condemned {
     }
 
     /// Before a backup saves stream map `id`: when a marker it saw at its start condemns
-    /// the map, wait until that prune is finished (it may delete the map), so the map is
-    /// written, or found, after. `poll` is how often to look.
+    /// the map, and a prune is running (it may be about to delete the map), wait until that
+    /// marker is gone or no prune runs, so the map is written, or found, after. A prune that
+    /// starts later waits for this backup before it commits any marker (FORMAT.md §14.3).
     pub fn wait_for_map(&self, repo: &Repository, id: &ObjectId, poll: Duration) -> Result<()> {
         let Some(markers) = self.maps.get(id) else { return Ok(()) };
         for m in markers {
             let path = format!("{PRUNE_DIR}/{m}");
             let mut said = false;
-            while repo.backend().exists(&path) {
+            while repo.backend().exists(&path) && prune_running(repo)? {
                 if !said {
                     eprintln!("waiting for the prune of {m} to finish: it removes stream map {}", id.short());
                     said = true;
@@ -106,6 +108,13 @@ impl Condemned {
         }
         Ok(())
     }
+}
+
+/// Whether a live (not stale) prune lock exists.
+fn prune_running(repo: &Repository) -> Result<bool> {
+    Ok(list_locks(&**repo.backend(), repo.sealer())?.iter().any(|l| {
+        l.info.as_ref().is_ok_and(|i| i.kind == LockKind::Prune && i.stale_reason(repo.stale_after).is_none())
+    }))
 }
 
 /// Every pending marker, by name.
@@ -146,11 +155,19 @@ pub struct PruneOptions {
     /// Stop waiting after this long and leave the prune pending (a later `prune` finishes
     /// it); `None` waits as long as it takes.
     pub max_wait: Option<Duration>,
+    /// Snapshots to count as forgotten (`forget --prune --dry-run` plans as if they were).
+    pub assume_forgotten: HashSet<ObjectId>,
 }
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        Self { max_unused: 0.05, dry_run: false, poll: Duration::from_secs(1), max_wait: None }
+        Self {
+            max_unused: 0.05,
+            dry_run: false,
+            poll: Duration::from_secs(1),
+            max_wait: None,
+            assume_forgotten: HashSet::new(),
+        }
     }
 }
 
@@ -241,22 +258,24 @@ pub fn prune_with(
     }
     let mut report = PruneReport::default();
     if opts.dry_run {
-        let live = mark(repo)?;
+        let live = mark(repo, &opts.assume_forgotten)?;
         report.plan = plan(repo, &live, opts.max_unused, progress)?.0;
         report.resumed = pending(repo)?.len();
         return Ok(report);
     }
     let _lock = repo.lock(LockKind::Prune, "prune")?;
-    // Finish what an interrupted prune left first: its marker still condemns packs.
+    // Finish what an interrupted prune left first: its marker still condemns packs. Every
+    // backup running now is waited for: some may have started when no prune ran and saved
+    // maps the marker lists (see `Condemned::wait_for_map`).
     for (name, marker) in pending(repo)? {
-        if !wait(repo, &name, &marker, opts, &mut report)? {
+        if !wait(repo, &name, &shared_locks(repo)?, opts, &mut report)? {
             report.pending = true;
             return Ok(report);
         }
         commit(repo, &name, &marker, progress, hook, &mut report)?;
         report.resumed += 1;
     }
-    let live = mark(repo)?;
+    let live = mark(repo, &opts.assume_forgotten)?;
     let (plan, maps) = plan(repo, &live, opts.max_unused, progress)?;
     report.plan = plan;
     if report.plan.delete.is_empty() && report.plan.repack.is_empty() && maps.is_empty() {
@@ -276,17 +295,11 @@ pub fn prune_with(
     hook(Step::MarkerWritten)?;
     // Write, then list: a backup whose lock is not in this listing wrote it after the
     // marker existed, so it reads the marker.
-    let holders = list_locks(&**repo.backend(), repo.sealer())?;
-    marker.waiting_for = Some(
-        holders
-            .into_iter()
-            .filter(|l| l.info.as_ref().map_or(true, |i| i.kind == LockKind::Shared))
-            .map(|l| l.name)
-            .collect(),
-    );
+    let holders = shared_locks(repo)?;
+    marker.waiting_for = Some(holders.clone());
     write_marker(repo, &name, &marker)?;
     hook(Step::WaitRecorded)?;
-    if !wait(repo, &name, &marker, opts, &mut report)? {
+    if !wait(repo, &name, &holders, opts, &mut report)? {
         report.pending = true;
         return Ok(report);
     }
@@ -294,11 +307,20 @@ pub fn prune_with(
     Ok(report)
 }
 
-/// Wait until the backups a marker names are gone. False when `max_wait` ran out.
+/// Names of the shared locks (and unreadable ones, which may be backups') present now.
+fn shared_locks(repo: &Repository) -> Result<Vec<String>> {
+    Ok(list_locks(&**repo.backend(), repo.sealer())?
+        .into_iter()
+        .filter(|l| l.info.as_ref().map_or(true, |i| i.kind == LockKind::Shared))
+        .map(|l| l.name)
+        .collect())
+}
+
+/// Wait until the locks named `holders` are gone or stale. False when `max_wait` ran out.
 fn wait(
     repo: &Repository,
     marker_name: &str,
-    m: &PruneMarker,
+    holders: &[String],
     opts: &PruneOptions,
     report: &mut PruneReport,
 ) -> Result<bool> {
@@ -307,14 +329,13 @@ fn wait(
     loop {
         let mut busy = Vec::new();
         for l in list_locks(&**repo.backend(), repo.sealer())? {
-            let named = m.waiting_for.as_ref().is_none_or(|w| w.contains(&l.name));
+            if !holders.contains(&l.name) {
+                continue;
+            }
             match &l.info {
-                Ok(info) if !named || info.kind != LockKind::Shared => {}
                 Ok(info) if info.stale_reason(repo.stale_after).is_some() => {}
                 Ok(info) => busy.push((l.name.clone(), info.describe())),
-                // A lock nobody can read may be a backup's: wait for it like one.
-                Err(e) if named => busy.push((l.name.clone(), format!("unreadable lock {} ({e})", l.name))),
-                Err(_) => {}
+                Err(e) => busy.push((l.name.clone(), format!("unreadable lock {} ({e})", l.name))),
             }
         }
         if busy.is_empty() {
@@ -362,15 +383,19 @@ impl Live {
 
 /// Read every manifest and every stream map it names. Any unreadable one stops the prune:
 /// what it references would otherwise count as dead.
-pub fn mark(repo: &Repository) -> Result<Live> {
+/// Snapshots in `except` are skipped.
+pub fn mark(repo: &Repository, except: &HashSet<ObjectId>) -> Result<Live> {
     let mut prefixes: Vec<u64> = Vec::new();
     let mut compacted = 0usize;
     let mut maps = HashSet::new();
     let mut snapshots = 0;
     for name in repo.backend().list("snapshots")? {
-        let id: ObjectId = name.parse().map_err(|_| {
-            Error::corrupt(format!("snapshots/{name}"), "not a snapshot id; remove it or run check")
-        })?;
+        let id: ObjectId = name
+            .parse()
+            .map_err(|_| Error::corrupt(format!("snapshots/{name}"), "not a snapshot id; remove it or run check"))?;
+        if except.contains(&id) {
+            continue;
+        }
         let snap = match repo.load_snapshot(&id) {
             Ok(s) => s,
             Err(Error::Missing { .. }) => continue, // forgotten meanwhile
@@ -506,7 +531,7 @@ fn commit(
     report: &mut PruneReport,
 ) -> Result<()> {
     let condemned: HashSet<PackId> = m.packs.iter().map(|p| p.parse()).collect::<Result<_>>()?;
-    let live = mark(repo)?;
+    let live = mark(repo, &HashSet::new())?;
     let index = repo.load_index(64)?;
 
     // Live entries of condemned packs, and which condemned packs any index still lists.
@@ -543,29 +568,32 @@ fn commit(
             to_copy.push((*pack, e));
         }
     }
-    // A condemned pack a backup made fully live again (it was waited for) stays as it is.
+    // Which live chunks exist only in condemned packs.
+    let mut only_here: HashMap<PackId, u64> = HashMap::new();
+    let mut needed = Vec::with_capacity(to_copy.len());
+    for (pack, e) in to_copy {
+        let elsewhere =
+            index.lookup_where(&**repo.backend(), repo.sealer(), &e.id, |p| !condemned.contains(p))?.is_some();
+        if !elsewhere {
+            *only_here.entry(pack).or_default() += 1;
+            needed.push((pack, e));
+        }
+    }
+    // A condemned pack that a waited-for backup made fully live again, and holds the only
+    // copy of each of its chunks, stays as it is: copying it would gain nothing.
     let keep: HashSet<PackId> = counts
         .iter()
-        .filter(|(_, c)| c.chunks > 0 && c.live_chunks == c.chunks)
+        .filter(|(p, c)| c.chunks > 0 && c.live_chunks == c.chunks && only_here.get(p) == Some(&c.chunks))
         .map(|(p, _)| *p)
         .collect();
     report.packs_kept += keep.len();
     let doomed: HashSet<PackId> = condemned.iter().filter(|p| !keep.contains(p)).copied().collect();
-    to_copy.retain(|(p, _)| doomed.contains(p));
-    to_copy.sort_by(|a, b| (a.0, a.1.offset).cmp(&(b.0, b.1.offset)));
-    // Copied already (an interrupted commit), or stored elsewhere too: not again.
-    let mut seen = HashSet::new();
-    let mut copy = Vec::with_capacity(to_copy.len());
-    for (pack, e) in to_copy {
-        if !seen.insert(e.id) {
-            continue;
-        }
-        let elsewhere =
-            index.lookup_where(&**repo.backend(), repo.sealer(), &e.id, |p| !condemned.contains(p))?.is_some();
-        if !elsewhere {
-            copy.push((pack, e));
-        }
-    }
+    let kept_ids: HashSet<ChunkId> = needed.iter().filter(|(p, _)| keep.contains(p)).map(|(_, e)| e.id).collect();
+    needed.retain(|(p, _)| doomed.contains(p));
+    needed.sort_by(|a, b| (a.0, a.1.offset).cmp(&(b.0, b.1.offset)));
+    // Copied already (an interrupted commit), or in two condemned packs: once.
+    let mut seen = kept_ids;
+    let copy: Vec<(PackId, BlobEntry)> = needed.into_iter().filter(|(_, e)| seen.insert(e.id)).collect();
     drop(seen);
     copy_chunks(repo, &copy, progress, hook, report)?;
 
@@ -611,7 +639,7 @@ fn commit(
         hook(Step::PackRemoved)?;
     }
     // Maps: still unreferenced after the waited-for backups saved theirs.
-    let live = mark(repo)?;
+    let live = mark(repo, &HashSet::new())?;
     for id in &m.maps {
         let id: ObjectId = id.parse()?;
         if !live.maps.contains(&id) {

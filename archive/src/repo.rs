@@ -29,6 +29,8 @@ pub struct InitOptions {
     pub kdf: KdfParams,
     /// IANA name of the zone retention periods are read in (`Config::time_zone`).
     pub time_zone: Option<String>,
+    /// Target pack size in bytes (`Config::pack_size`, 1 MiB ..= 1 GiB).
+    pub pack_size: u32,
 }
 
 impl Default for InitOptions {
@@ -38,6 +40,7 @@ impl Default for InitOptions {
             zstd_level: 3,
             kdf: KdfParams::default(),
             time_zone: None,
+            pack_size: 16 << 20,
         }
     }
 }
@@ -67,6 +70,10 @@ impl Repository {
             }
         }
         let mut config = Config::new(opts.chunker, opts.zstd_level)?;
+        if !(1 << 20..=1 << 30).contains(&opts.pack_size) {
+            return Err(Error::Usage(format!("pack size {} bytes: give 1 MiB to 1 GiB", opts.pack_size)));
+        }
+        config.pack_size = opts.pack_size;
         if let Some(tz) = &opts.time_zone {
             jiff::tz::TimeZone::get(tz).map_err(|e| Error::Usage(format!("time zone {tz:?}: {e}")))?;
             config.time_zone = Some(tz.clone());

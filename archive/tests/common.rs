@@ -19,6 +19,7 @@ pub fn init(dir: &std::path::Path, chunker: &str) -> Repository {
         zstd_level: 3,
         kdf: KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 },
         time_zone: None,
+        pack_size: 1 << 20,
     };
     Repository::init(&dir.join("repo"), b"pw", &opts).unwrap()
 }

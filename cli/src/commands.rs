@@ -43,6 +43,10 @@ pub struct InitArgs {
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = 3)]
     zstd_level: i32,
+    /// Target size of pack files in MiB (1-1024); smaller packs let prune free space in
+    /// finer steps, larger ones mean fewer files.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    pack_size_mib: u32,
     /// Argon2id memory cost in KiB (lower only for tests).
     #[arg(long, default_value_t = 65536, hide = true)]
     kdf_memory_kib: u32,
@@ -266,7 +270,13 @@ fn init(ctx: &Ctx, a: InitArgs) -> Result<()> {
     let chunker = ChunkerParams::parse(&a.chunker)?;
     let pass = password::new(ctx.password_file.as_deref(), "VMVAULT_PASSWORD")?;
     let time_zone = a.time_zone.or_else(|| jiff::tz::TimeZone::system().iana_name().map(str::to_owned));
-    let opts = InitOptions { chunker, zstd_level: a.zstd_level, kdf: kdf(a.kdf_memory_kib), time_zone };
+    let opts = InitOptions {
+        chunker,
+        zstd_level: a.zstd_level,
+        kdf: kdf(a.kdf_memory_kib),
+        time_zone,
+        pack_size: a.pack_size_mib.checked_mul(1 << 20).ok_or_else(|| anyhow!("--pack-size-mib is too large"))?,
+    };
     let repo =
         Repository::init(path, &pass, &opts).with_context(|| format!("creating a repository in {}", path.display()))?;
     if ctx.json {
@@ -446,6 +456,8 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
         }
         archive::retention::plan(repo.list_snapshots()?, a.vm.as_deref(), &policy, &tz)?
     };
+    let forgotten: std::collections::HashSet<archive::SnapshotId> =
+        plan.iter().filter(|(_, d)| !d.keep).map(|(e, _)| e.id).collect();
     let mut removed = 0usize;
     if !a.dry_run {
         for (e, d) in &plan {
@@ -466,7 +478,7 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
         ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "removed": removed, "snapshots": rows}))?;
         drop(lock);
         if a.prune {
-            return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run);
+            return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run, forgotten);
         }
         return Ok(());
     }
@@ -500,7 +512,7 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
     // prune does not wait for this process's own forget.
     drop(lock);
     if a.prune {
-        return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run);
+        return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run, forgotten);
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `vmvault prune` (and `forget --prune`): delete the data no snapshot needs.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,14 +46,22 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
     let repo = ctx.open()?;
-    run_on(ctx, &repo, &a.flags, a.dry_run)
+    run_on(ctx, &repo, &a.flags, a.dry_run, Default::default())
 }
 
-/// Prune `repo` and print what was done (also used by `forget --prune`).
-pub fn run_on(ctx: &Ctx, repo: &Repository, f: &PruneFlags, dry_run: bool) -> Result<()> {
+/// Prune `repo` and print what was done (also used by `forget --prune`, whose dry run plans
+/// as if the snapshots it would remove were gone).
+pub fn run_on(
+    ctx: &Ctx,
+    repo: &Repository,
+    f: &PruneFlags,
+    dry_run: bool,
+    assume_forgotten: HashSet<archive::SnapshotId>,
+) -> Result<()> {
     let opts = PruneOptions {
         max_unused: f.max_unused,
         dry_run,
+        assume_forgotten,
         max_wait: f.max_wait.map(Duration::from_secs),
         ..PruneOptions::default()
     };
