@@ -93,7 +93,7 @@ fn every_damaged_file_is_detected_and_named() {
             let read = read_back(dir.path(), &data);
             // check (structure, then all data) must find it.
             let repo = Repository::open(&dir.path().join("repo"), b"pw").unwrap();
-            let report = check(&repo, CheckOptions { read_data: true }, &Default::default());
+            let report = check(&repo, CheckOptions { read_data: true, ..Default::default() }, &Default::default());
             let found = match &report {
                 Ok(r) => r.problems.iter().any(|p| p.object.contains(&name[..8]) || p.detail.contains(&name[..8])),
                 Err(e) => e.to_string().contains(&name[..8]),
@@ -142,4 +142,31 @@ fn missing_pack_names_the_damaged_snapshot() {
     let r = check(&repo, CheckOptions::default(), &Default::default()).unwrap();
     let p = r.problems.iter().find(|p| p.detail.contains("missing")).expect("missing pack reported");
     assert!(p.damages.iter().any(|d| d.contains("(vm) xvda")), "{p:?}");
+}
+
+/// `--read-data-subset`: reads the requested share of packs (at least one), and a sample
+/// covering every pack finds damage a structure-only check cannot see.
+#[test]
+fn read_data_subset_reads_a_sample_and_finds_damage_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), "fixed:64K");
+    backup_mem(&repo, "vm", &[("xvda", &noise(5, 10 << 20))]); // 1 MiB packs: about 10
+    let packs = repo.list_packs().unwrap();
+    assert!(packs.len() >= 8, "{} packs", packs.len());
+    let run = |f: f64| {
+        check(&repo, CheckOptions { read_data_subset: Some(f), ..Default::default() }, &Default::default()).unwrap()
+    };
+    assert_eq!(run(0.0).packs_read, 1);
+    assert_eq!(run(0.3).packs_read, (packs.len() as f64 * 0.3).ceil() as usize);
+    assert_eq!(run(1.0).packs_read, packs.len());
+    // Flip one byte inside a blob of one pack: only reading it shows the damage.
+    let path = dir.path().join("repo").join(archive::pack::pack_path(&packs[0]));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert_eq!(check(&repo, CheckOptions::default(), &Default::default()).unwrap().errors(), 0);
+    let full = run(1.0);
+    assert_eq!(full.errors(), 1, "{:#?}", full.problems);
+    assert!(full.problems[0].object.contains(&packs[0].to_hex()), "{:#?}", full.problems);
+    assert!(!full.problems[0].damages.is_empty(), "names the damaged snapshot");
 }

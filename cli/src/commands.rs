@@ -163,6 +163,10 @@ pub struct CheckArgs {
     /// Also read, decrypt and re-hash every chunk.
     #[arg(long)]
     read_data: bool,
+    /// Read, decrypt and re-hash the chunks of a random PERCENT of the packs ("10%"), so
+    /// that regular runs verify everything over time in bounded time each.
+    #[arg(long, value_name = "PERCENT", conflicts_with = "read_data", value_parser = crate::prune::parse_percent)]
+    read_data_subset: Option<f64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -475,12 +479,12 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
                     "keep": d.keep, "reasons": d.reasons})
             })
             .collect();
-        ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "removed": removed, "snapshots": rows}))?;
         drop(lock);
-        if a.prune {
-            return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run, forgotten);
-        }
-        return Ok(());
+        let pruned =
+            if a.prune { Some(crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run, forgotten)?) } else { None };
+        ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "removed": removed, "snapshots": rows,
+            "prune": pruned}))?;
+        return pruned.as_ref().map_or(Ok(()), crate::prune::pending_is_error);
     }
     if !ctx.quiet {
         let mut vm = None;
@@ -512,7 +516,8 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
     // prune does not wait for this process's own forget.
     drop(lock);
     if a.prune {
-        return crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run, forgotten);
+        let report = crate::prune::run_on(ctx, &repo, &a.prune_flags, a.dry_run, forgotten)?;
+        return crate::prune::pending_is_error(&report);
     }
     Ok(())
 }
@@ -616,8 +621,10 @@ fn check(ctx: &Ctx, a: CheckArgs) -> Result<()> {
     let repo = ctx.open()?;
     let progress = Arc::new(Progress::default());
     let report = {
-        let _bar = Bar::start(progress.clone(), "check", ctx.quiet || !a.read_data);
-        archive::check::check(&repo, CheckOptions { read_data: a.read_data }, &progress)?
+        let reads = a.read_data || a.read_data_subset.is_some();
+        let _bar = Bar::start(progress.clone(), "check", ctx.quiet || !reads);
+        let opts = CheckOptions { read_data: a.read_data, read_data_subset: a.read_data_subset };
+        archive::check::check(&repo, opts, &progress)?
     };
     if ctx.json {
         ctx.print_json(&report)?;
@@ -635,7 +642,11 @@ fn check(ctx: &Ctx, a: CheckArgs) -> Result<()> {
             report.index_files,
             report.packs,
             report.chunks,
-            if a.read_data { format!(", read {}", human::bytes(report.bytes_read)) } else { String::new() },
+            if report.packs_read > 0 {
+                format!(", read {} in {} packs", human::bytes(report.bytes_read), report.packs_read)
+            } else {
+                String::new()
+            },
             report.errors(),
             report.problems.len() - report.errors(),
         );

@@ -36,7 +36,7 @@ pub struct PruneArgs {
     pub dry_run: bool,
 }
 
-fn parse_percent(s: &str) -> Result<f64, String> {
+pub fn parse_percent(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim_end_matches('%').trim().parse().map_err(|_| format!("{s:?} is not a percentage"))?;
     if !(0.0..=100.0).contains(&v) {
         return Err(format!("{s:?} is not between 0% and 100%"));
@@ -46,18 +46,32 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
     let repo = ctx.open()?;
-    run_on(ctx, &repo, &a.flags, a.dry_run, Default::default())
+    let report = run_on(ctx, &repo, &a.flags, a.dry_run, Default::default())?;
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({"dry_run": a.dry_run, "report": report}))?;
+    }
+    pending_is_error(&report)
 }
 
-/// Prune `repo` and print what was done (also used by `forget --prune`, whose dry run plans
-/// as if the snapshots it would remove were gone).
+/// A prune that stopped waiting did not finish: say so through the exit status.
+pub fn pending_is_error(report: &PruneReport) -> Result<()> {
+    if report.pending {
+        return Err(anyhow!(
+            "prune is pending: backups that started before it are still running; run `vmvault prune` again to finish"
+        ));
+    }
+    Ok(())
+}
+
+/// Prune `repo`, printing what was done unless `--json` or `--quiet` (also used by
+/// `forget --prune`, whose dry run plans as if the snapshots it would remove were gone).
 pub fn run_on(
     ctx: &Ctx,
     repo: &Repository,
     f: &PruneFlags,
     dry_run: bool,
     assume_forgotten: HashSet<archive::SnapshotId>,
-) -> Result<()> {
+) -> Result<PruneReport> {
     let opts = PruneOptions {
         max_unused: f.max_unused,
         dry_run,
@@ -70,18 +84,10 @@ pub fn run_on(
         let _bar = Bar::start(progress.clone(), "prune", ctx.quiet);
         archive::prune::prune(repo, &opts, &progress)?
     };
-    if ctx.json {
-        return ctx.print_json(&serde_json::json!({"dry_run": dry_run, "report": report}));
-    }
-    if !ctx.quiet {
+    if !ctx.json && !ctx.quiet {
         print(&report, dry_run);
     }
-    if report.pending {
-        return Err(anyhow!(
-            "prune is pending: backups that started before it are still running; run `vmvault prune` again to finish"
-        ));
-    }
-    Ok(())
+    Ok(report)
 }
 
 fn print(r: &PruneReport, dry_run: bool) {

@@ -7,4 +7,5 @@ mod crash;
 mod forget;
 mod mount;
 mod nbd;
+mod prune;
 mod util;
