@@ -89,10 +89,10 @@ type ChunkTable = HashMap<ChunkId, (PackId, BlobEntry)>;
 pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Result<CheckReport> {
     let _lock = repo.lock(LockKind::Exclusive, "check")?;
     let mut report = CheckReport::default();
-    let table = check_index(repo, &mut report)?;
+    let (table, indexed) = check_index(repo, &mut report)?;
     // Chunks that are unusable, with why, and the problem that says so.
     let mut bad: HashMap<ChunkId, usize> = HashMap::new();
-    check_packs(repo, &table, opts, progress, &mut report, &mut bad)?;
+    check_packs(repo, &table, &indexed, opts, progress, &mut report, &mut bad)?;
     check_snapshots(repo, &table, &mut report, &bad)?;
     match crate::prune::pending(repo) {
         Ok(markers) => {
@@ -115,8 +115,10 @@ pub fn check(repo: &Repository, opts: CheckOptions, progress: &Progress) -> Resu
     Ok(report)
 }
 
-fn check_index(repo: &Repository, report: &mut CheckReport) -> Result<ChunkTable> {
+/// The chunk table, and every pack some index entry points into (duplicates included).
+fn check_index(repo: &Repository, report: &mut CheckReport) -> Result<(ChunkTable, HashSet<PackId>)> {
     let mut table = ChunkTable::new();
+    let mut indexed = HashSet::new();
     for name in repo.backend().list("index")? {
         report.index_files += 1;
         let file = match IndexFile::open(&**repo.backend(), repo.sealer(), &name) {
@@ -132,6 +134,7 @@ fn check_index(repo: &Repository, report: &mut CheckReport) -> Result<ChunkTable
                 Ok(page) => {
                     for (id, loc) in file.entries(&page) {
                         let e = BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len };
+                        indexed.insert(loc.pack);
                         table.entry(id).or_insert((loc.pack, e));
                     }
                 }
@@ -141,12 +144,13 @@ fn check_index(repo: &Repository, report: &mut CheckReport) -> Result<ChunkTable
         }
     }
     report.chunks = table.len() as u64;
-    Ok(table)
+    Ok((table, indexed))
 }
 
 fn check_packs(
     repo: &Repository,
     table: &ChunkTable,
+    indexed: &HashSet<PackId>,
     opts: CheckOptions,
     progress: &Progress,
     report: &mut CheckReport,
@@ -182,7 +186,7 @@ fn check_packs(
         }
     }
     for p in &present {
-        if !by_pack.contains_key(p) {
+        if !indexed.contains(p) {
             report.warn(
                 pack_path(p),
                 "no index entry points into this pack (an interrupted backup leaves such packs; the next backup adopts packs no index lists)",

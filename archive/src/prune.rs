@@ -533,69 +533,54 @@ fn commit(
     let condemned: HashSet<PackId> = m.packs.iter().map(|p| p.parse()).collect::<Result<_>>()?;
     let live = mark(repo, &HashSet::new())?;
     let index = repo.load_index(64)?;
-
-    // Live entries of condemned packs, and which condemned packs any index still lists.
-    let mut to_copy: Vec<(PackId, BlobEntry)> = Vec::new();
-    let mut counts: HashMap<PackId, PackCount> = HashMap::new();
-    for f in &index.files {
-        if !f.packs.iter().any(|p| condemned.contains(p)) {
-            continue;
-        }
-        for p in 0..f.page_count() {
-            let page = f.read_page(&**repo.backend(), repo.sealer(), p)?;
-            for (id, loc) in f.entries(&page) {
-                if !condemned.contains(&loc.pack) {
-                    continue;
-                }
-                let c = counts.entry(loc.pack).or_default();
-                c.chunks += 1;
-                if live.contains(&id) {
-                    c.live_chunks += 1;
-                    to_copy.push((
-                        loc.pack,
-                        BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len },
-                    ));
-                }
+    let indexed: HashSet<PackId> = index.files.iter().flat_map(|f| f.packs.iter().copied()).collect();
+    let present: HashSet<PackId> = repo.list_packs()?.into_iter().collect();
+    let mut packs: Vec<PackId> = condemned.iter().filter(|p| present.contains(p)).copied().collect();
+    packs.sort();
+    let mut keep = HashSet::new();
+    let mut copier = Copier::new(repo);
+    progress.total.store(packs.len() as u64, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    // One condemned pack at a time: its table of contents, its live chunks, copied.
+    for pack in packs {
+        let entries = match repo.read_pack_toc(&pack) {
+            Ok(e) => e,
+            // Nothing lists it, so nothing can use what it holds.
+            Err(e) if e.is_damage() && !indexed.contains(&pack) => Vec::new(),
+            Err(e) => return Err(with_hint(e)),
+        };
+        let mut needed = Vec::new();
+        let mut live_entries: Vec<&BlobEntry> = entries.iter().filter(|e| live.contains(&e.id)).collect();
+        let live_count = live_entries.len();
+        // In id order, so the lookups walk the index pages in order (each decrypted once).
+        live_entries.sort_unstable_by_key(|e| e.id);
+        for e in live_entries {
+            // Already stored in a pack that stays (copied by an interrupted commit, or
+            // stored again by a backup that avoided this pack): not again.
+            let elsewhere =
+                index.lookup_where(&**repo.backend(), repo.sealer(), &e.id, |p| !condemned.contains(p))?.is_some();
+            if !elsewhere {
+                needed.push(*e);
             }
         }
-    }
-    let present: HashSet<PackId> = repo.list_packs()?.into_iter().collect();
-    // Condemned packs no index lists (a killed backup's, or ones an interrupted prune
-    // already unlisted): their tables of contents say what they hold.
-    for pack in condemned.iter().filter(|p| present.contains(p) && !counts.contains_key(p)) {
-        let Ok(entries) = repo.read_pack_toc(pack) else { continue }; // damaged: nothing can use it
-        for e in entries.into_iter().filter(|e| live.contains(&e.id)) {
-            to_copy.push((*pack, e));
+        // Made fully live again by a waited-for backup, and the only copy of each of its
+        // chunks: it stays as it is, copying it would gain nothing.
+        if indexed.contains(&pack)
+            && !entries.is_empty()
+            && live_count == entries.len()
+            && needed.len() == entries.len()
+        {
+            keep.insert(pack);
+            continue;
         }
-    }
-    // Which live chunks exist only in condemned packs.
-    let mut only_here: HashMap<PackId, u64> = HashMap::new();
-    let mut needed = Vec::with_capacity(to_copy.len());
-    for (pack, e) in to_copy {
-        let elsewhere =
-            index.lookup_where(&**repo.backend(), repo.sealer(), &e.id, |p| !condemned.contains(p))?.is_some();
-        if !elsewhere {
-            *only_here.entry(pack).or_default() += 1;
-            needed.push((pack, e));
+        if !needed.is_empty() {
+            copier.copy_from(&pack, &needed, hook, report)?;
         }
+        progress.done.fetch_add(1, Ordering::Relaxed);
     }
-    // A condemned pack that a waited-for backup made fully live again, and holds the only
-    // copy of each of its chunks, stays as it is: copying it would gain nothing.
-    let keep: HashSet<PackId> = counts
-        .iter()
-        .filter(|(p, c)| c.chunks > 0 && c.live_chunks == c.chunks && only_here.get(p) == Some(&c.chunks))
-        .map(|(p, _)| *p)
-        .collect();
+    copier.finish(hook, report)?;
     report.packs_kept += keep.len();
     let doomed: HashSet<PackId> = condemned.iter().filter(|p| !keep.contains(p)).copied().collect();
-    let kept_ids: HashSet<ChunkId> = needed.iter().filter(|(p, _)| keep.contains(p)).map(|(_, e)| e.id).collect();
-    needed.retain(|(p, _)| doomed.contains(p));
-    needed.sort_by(|a, b| (a.0, a.1.offset).cmp(&(b.0, b.1.offset)));
-    // Copied already (an interrupted commit), or in two condemned packs: once.
-    let mut seen = kept_ids;
-    let copy: Vec<(PackId, BlobEntry)> = needed.into_iter().filter(|(_, e)| seen.insert(e.id)).collect();
-    drop(seen);
-    copy_chunks(repo, &copy, progress, hook, report)?;
 
     // Replace every index file that lists a doomed pack by one without those entries.
     let index = repo.load_index(4)?;
@@ -667,57 +652,64 @@ fn write_index(
     hook(Step::IndexWritten)
 }
 
-/// Copy blobs (verified: a damaged chunk stops the prune before anything is deleted) into
-/// new packs, and index them. `chunks` is sorted by pack so each source pack is read once.
-fn copy_chunks(
-    repo: &Repository,
-    chunks: &[(PackId, BlobEntry)],
-    progress: &Progress,
-    hook: &dyn Fn(Step) -> Result<()>,
-    report: &mut PruneReport,
-) -> Result<()> {
-    let target = repo.config().pack_size as usize;
-    let mut pack = PackBuilder::new();
-    let mut entries: Vec<(PackId, BlobEntry)> = Vec::new();
-    let flush = |pack: PackBuilder, entries: &mut Vec<(PackId, BlobEntry)>, report: &mut PruneReport| {
-        let (id, bytes, written) = pack.finish(repo.sealer())?;
-        repo.backend().write(&pack_path(&id), &bytes)?;
-        report.packs_written += 1;
-        report.bytes_written += bytes.len() as u64;
-        entries.extend(written.into_iter().map(|e| (id, e)));
-        hook(Step::PackWritten)
-    };
-    progress.total.store(chunks.iter().map(|(_, e)| u64::from(e.stored_len)).sum(), Ordering::Relaxed);
-    progress.done.store(0, Ordering::Relaxed);
-    let mut i = 0;
-    while i < chunks.len() {
-        let src = chunks[i].0;
-        let n = chunks[i..].iter().take_while(|(p, _)| *p == src).count();
-        let path = pack_path(&src);
-        let bytes = repo.backend().read(&path)?;
-        for (_, e) in &chunks[i..i + n] {
+/// Copies blobs (verified: a damaged chunk stops the prune before anything is deleted) into
+/// new packs, and indexes them every [`INDEX_FILE_ENTRIES`] entries and at the end.
+struct Copier<'a> {
+    repo: &'a Repository,
+    pack: PackBuilder,
+    entries: Vec<(PackId, BlobEntry)>,
+}
+
+impl<'a> Copier<'a> {
+    fn new(repo: &'a Repository) -> Self {
+        Self { repo, pack: PackBuilder::new(), entries: Vec::new() }
+    }
+
+    /// Copy `chunks` (entries of pack `src`), reading the pack once.
+    fn copy_from(
+        &mut self,
+        src: &PackId,
+        chunks: &[BlobEntry],
+        hook: &dyn Fn(Step) -> Result<()>,
+        report: &mut PruneReport,
+    ) -> Result<()> {
+        let path = pack_path(src);
+        let bytes = self.repo.backend().read(&path)?;
+        let mut seen = HashSet::new();
+        for e in chunks.iter().filter(|e| seen.insert(e.id)) {
             let (start, end) = (e.offset as usize, e.offset as usize + e.stored_len as usize);
             let blob = bytes
                 .get(start..end)
                 .ok_or_else(|| Error::corrupt(&path, format!("chunk {} lies past the end", e.id.short())))?;
-            open_chunk(repo.sealer(), repo.key(), &e.id, blob, e.raw_len, &path)?;
-            pack.add(e.id, blob, e.raw_len);
+            open_chunk(self.repo.sealer(), self.repo.key(), &e.id, blob, e.raw_len, &path).map_err(with_hint)?;
+            self.pack.add(e.id, blob, e.raw_len);
             report.chunks_copied += 1;
-            progress.done.fetch_add(u64::from(e.stored_len), Ordering::Relaxed);
-            if pack.len() >= target {
-                flush(std::mem::take(&mut pack), &mut entries, report)?;
+            if self.pack.len() >= self.repo.config().pack_size as usize {
+                self.flush(hook, report)?;
             }
         }
-        i += n;
+        Ok(())
     }
-    if !pack.is_empty() {
-        flush(pack, &mut entries, report)?;
+
+    fn flush(&mut self, hook: &dyn Fn(Step) -> Result<()>, report: &mut PruneReport) -> Result<()> {
+        let (id, bytes, written) = std::mem::take(&mut self.pack).finish(self.repo.sealer())?;
+        self.repo.backend().write(&pack_path(&id), &bytes)?;
+        report.packs_written += 1;
+        report.bytes_written += bytes.len() as u64;
+        self.entries.extend(written.into_iter().map(|e| (id, e)));
+        hook(Step::PackWritten)?;
+        if self.entries.len() >= INDEX_FILE_ENTRIES {
+            write_index(self.repo, &mut self.entries, hook, report)?;
+        }
+        Ok(())
     }
-    // The new packs are durable; now index them, before any old pack goes.
-    while !entries.is_empty() {
-        let rest = entries.split_off(entries.len().min(INDEX_FILE_ENTRIES));
-        write_index(repo, &mut entries, hook, report)?;
-        entries = rest;
+
+    /// The last pack, and the index of what is not indexed yet: all durable before any old
+    /// pack goes.
+    fn finish(mut self, hook: &dyn Fn(Step) -> Result<()>, report: &mut PruneReport) -> Result<()> {
+        if !self.pack.is_empty() {
+            self.flush(hook, report)?;
+        }
+        write_index(self.repo, &mut self.entries, hook, report)
     }
-    Ok(())
 }

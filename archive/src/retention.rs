@@ -18,7 +18,10 @@ use jiff::{Span, Timestamp, Zoned};
 use crate::error::{Error, Result};
 use crate::manifest::SnapshotEntry;
 
-/// How many to keep of each kind; `None` (or 0) means the rule is not used.
+/// A count meaning "every period" (restic's `unlimited` / -1).
+pub const UNLIMITED: u32 = u32::MAX;
+
+/// How many to keep of each kind; 0 means the rule is not used, [`UNLIMITED`] every period.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     pub last: u32,
@@ -226,6 +229,10 @@ mod tests {
         assert!(!d[0].keep && d[0].reasons.is_empty());
         // An empty policy keeps everything.
         assert_eq!(kept(&Policy::default(), &s, &utc).len(), 8);
+        // Unlimited: the newest of every day there is.
+        let p = Policy { daily: UNLIMITED, ..Policy::default() };
+        assert_eq!(kept(&p, &s, &utc), [1, 3, 5, 7]);
+        assert_eq!(apply(&p, &s, &utc).expect("apply")[1].reasons, ["daily 4"]);
     }
 
     #[test]

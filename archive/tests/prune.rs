@@ -150,6 +150,9 @@ fn crash_after_any_step_loses_nothing_and_rerun_finishes() {
         assert_check_clean(&repo);
         assert_restores(&repo, &expect);
         let r = prune(&repo, &opts(0.0), &Progress::default()).unwrap();
+        if std::env::var("DBG").is_ok() {
+            eprintln!("k={k} step={step:?} {r:#?}");
+        }
         assert_eq!(r.resumed, 1, "after {step:?}: {r:#?}");
         assert!(repo.backend().list("prune").unwrap().is_empty());
         let report = assert_check_clean(&repo);

@@ -56,6 +56,14 @@ pub struct InitArgs {
     time_zone: Option<String>,
 }
 
+/// A `--keep-*` count: a number, or `unlimited` (also -1, as restic) for every period.
+fn parse_keep(s: &str) -> Result<u32, String> {
+    match s {
+        "unlimited" | "-1" => Ok(archive::retention::UNLIMITED),
+        n => n.parse::<u32>().map_err(|_| format!("{n:?}: give a count or \"unlimited\"")),
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ForgetArgs {
     /// Snapshots to remove (ID prefixes or VM@ID); instead of --keep-* rules.
@@ -63,23 +71,23 @@ pub struct ForgetArgs {
     /// Only this VM's snapshots (rules always apply to each VM separately).
     #[arg(long)]
     vm: Option<String>,
-    /// Keep the N newest snapshots.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// Keep the N newest snapshots (every count takes "unlimited", or -1, for all).
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_keep, allow_hyphen_values = true)]
     keep_last: u32,
     /// Keep the newest snapshot of each of the N newest hours that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_keep, allow_hyphen_values = true)]
     keep_hourly: u32,
     /// Keep the newest snapshot of each of the N newest days that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_keep, allow_hyphen_values = true)]
     keep_daily: u32,
     /// Keep the newest snapshot of each of the N newest ISO weeks that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_keep, allow_hyphen_values = true)]
     keep_weekly: u32,
     /// Keep the newest snapshot of each of the N newest months that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_keep, allow_hyphen_values = true)]
     keep_monthly: u32,
     /// Keep the newest snapshot of each of the N newest years that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_keep, allow_hyphen_values = true)]
     keep_yearly: u32,
     /// Keep snapshots newer than the VM's newest minus SPAN (2d, 1w, 6m, 1y, 12h, 1y6m).
     #[arg(long, value_name = "SPAN")]
