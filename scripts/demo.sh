@@ -41,3 +41,8 @@ echo "== vmvault check --read-data"
 vmvault check --read-data
 echo "== vmvault stats"
 vmvault stats
+echo "== keep only the newest snapshot, and delete the data only day 0 used"
+vmvault forget --keep-last 1 --prune
+vmvault check
+vmvault restore web01@latest:xvda --target demo/restored-day1.raw --overwrite
+cmp demo/restored-day1.raw demo/day1.img && echo "day 1 still restores byte-identically after prune"
