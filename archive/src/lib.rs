@@ -18,6 +18,7 @@ pub mod error;
 pub mod extents;
 #[cfg(test)]
 mod golden;
+pub mod hold;
 pub mod id;
 pub mod index;
 pub mod keyfile;

@@ -262,14 +262,11 @@ impl Repository {
         Snapshot::from_json(&body, &format!("snapshots/{}", id.to_hex()))
     }
 
-    /// Remove snapshot `id`'s manifest (its data stays until `prune`). Removing one that is
-    /// already gone is not an error, so an interrupted `forget` can simply be run again.
+    /// Remove snapshot `id`'s manifest (its data stays until `prune`), unless it is held
+    /// (`hold.rs`: the base of an overlay). Removing one that is already gone is not an
+    /// error, so an interrupted `forget` can simply be run again.
     pub fn forget_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let path = format!("snapshots/{}", id.to_hex());
-        if !self.backend.exists(&path) {
-            return Ok(());
-        }
-        self.backend.remove(&path)
+        crate::hold::forget(self, id)
     }
 
     /// Every snapshot, oldest first. Unreadable manifests are errors.

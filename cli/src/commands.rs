@@ -443,6 +443,13 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
     // Removing manifests never removes data (prune does): a shared lock, like backup.
     let lock = repo.lock(archive::lock::LockKind::Shared, "forget")?;
     let tz = repo.time_zone(a.time_zone.as_deref())?;
+    // Held snapshots (overlay bases) are kept whatever the rules say.
+    let mut held: std::collections::HashMap<archive::SnapshotId, String> = std::collections::HashMap::new();
+    for (_, h) in archive::hold::holds(&repo)? {
+        if let Ok(id) = h.snapshot.parse() {
+            held.entry(id).and_modify(|r: &mut String| r.push_str(&format!("; {}", h.reason))).or_insert(h.reason);
+        }
+    }
     let plan: Vec<(SnapshotEntry, Decision)> = if !a.ids.is_empty() {
         if !policy.is_empty() {
             anyhow::bail!("give snapshot ids or --keep-* rules, not both");
@@ -450,6 +457,9 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
         let mut chosen = Vec::new();
         for spec in &a.ids {
             let e = repo.resolve_snapshot(spec)?;
+            if let Some(h) = held.get(&e.id) {
+                anyhow::bail!("snapshot {spec} is held ({h}); release it first (vmvault overlay discard)");
+            }
             if a.vm.as_ref().is_some_and(|vm| vm != &e.snapshot.vm) {
                 anyhow::bail!(
                     "snapshot {spec} belongs to VM {:?}, not {:?}",
@@ -466,7 +476,14 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
                 "no --keep-* rule given, so nothing would be removed; give rules (e.g. --keep-daily 7) or snapshot ids"
             );
         }
-        archive::retention::plan(repo.list_snapshots()?, a.vm.as_deref(), &policy, &tz)?
+        let mut plan = archive::retention::plan(repo.list_snapshots()?, a.vm.as_deref(), &policy, &tz)?;
+        for (e, d) in &mut plan {
+            if let Some(h) = held.get(&e.id) {
+                d.keep = true;
+                d.reasons.push(format!("held: {h}"));
+            }
+        }
+        plan
     };
     let forgotten: std::collections::HashSet<archive::SnapshotId> =
         plan.iter().filter(|(_, d)| !d.keep).map(|(e, _)| e.id).collect();

@@ -108,7 +108,7 @@ pub fn run(ctx: &Ctx, cmd: OverlayCommand) -> Result<()> {
     match cmd {
         OverlayCommand::List(a) => list(ctx, a),
         OverlayCommand::Commit(a) => commit(ctx, a),
-        OverlayCommand::Discard(a) => discard(a),
+        OverlayCommand::Discard(a) => discard(ctx, a),
     }
 }
 
@@ -201,10 +201,24 @@ fn commit(ctx: &Ctx, a: CommitArgs) -> Result<()> {
     Ok(())
 }
 
-fn discard(a: DiscardArgs) -> Result<()> {
-    for f in overlay_files(&a.overlays)? {
-        let h = remove_overlay(&f).with_context(|| format!("discarding {}", f.display()))?;
+fn discard(ctx: &Ctx, a: DiscardArgs) -> Result<()> {
+    let files = overlay_files(&a.overlays)?;
+    let abs: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::canonicalize(f).map(|p| p.to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    for f in &files {
+        let h = remove_overlay(f).with_context(|| format!("discarding {}", f.display()))?;
         println!("discarded {} (overlay of {})", f.display(), h.base_id);
+    }
+    // The holds `serve --writable` put on the bases: the snapshots may be forgotten now.
+    match ctx.open() {
+        Ok(repo) => {
+            for p in &abs {
+                archive::hold::release_overlay(&repo, p)?;
+            }
+        }
+        Err(e) => eprintln!("warning: the repository's holds for these overlays stay ({e:#})"),
     }
     Ok(())
 }

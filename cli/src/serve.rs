@@ -144,6 +144,15 @@ impl RepoExports {
             Some((dir, block_size)) if sref.kind == StreamKind::Disk => {
                 let path = dir.join(format!("{}@{}.{stream}.ovl", entry.snapshot.vm, entry.id.short()));
                 let base_id = OverlayBase { snapshot: entry.id.to_hex(), stream: stream.to_owned() }.id();
+                // The base must outlive the overlay: hold it, so forget (and so prune) skip it
+                // until `overlay discard`.
+                let abs = std::fs::canonicalize(dir)?.join(path.file_name().expect("file name"));
+                let abs = abs.to_string_lossy().into_owned();
+                let repo = self.reader.repo();
+                let held = archive::hold::holds_on(repo, &entry.id)?.iter().any(|h| h.overlay.as_deref() == Some(&abs));
+                if !held {
+                    archive::hold::hold(repo, &entry.id, &format!("overlay {abs}"), Some(abs.clone()))?;
+                }
                 let ov = open_overlay(&path, base, &base_id, *block_size)?;
                 description.push_str(&format!(", writes kept in {}", path.display()));
                 (Arc::new(ov), *block_size)

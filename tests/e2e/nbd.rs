@@ -239,6 +239,13 @@ fn writable_overlay_survives_kill_9_and_commits_as_a_new_snapshot() {
     );
     let list = env.ok(&["overlay", "list", "--overlay-dir", ovs]);
     assert!(list.contains("xvda"), "{list}");
+    // The overlay holds its base: neither retention nor an explicit forget removes it.
+    let held_id = base[0]["id"].as_str().expect("id").to_owned();
+    let e = env.fails(&["forget", &held_id[..16]]);
+    assert!(e.contains("is held") && e.contains("boot1"), "{e}");
+    let plan = env.json(&["forget", "--keep-last", "1", "--dry-run"]);
+    let row = plan["snapshots"].as_array().expect("rows").iter().find(|r| r["id"] == held_id.as_str()).cloned();
+    assert!(row.is_some_and(|r| r["keep"] == true), "{plan}");
     env.ok(&["overlay", "commit", &format!("{ovs}/boot1"), "--tag", "booted"]);
     let after = env.json(&["snapshots"]);
     assert_eq!(after.as_array().map(Vec::len), base.as_array().map(|a| a.len() + 1));
@@ -252,7 +259,11 @@ fn writable_overlay_survives_kill_9_and_commits_as_a_new_snapshot() {
     assert!(crate::util::same_file(&orig, &img));
     env.ok(&["overlay", "discard", &format!("{ovs}/boot1")]);
     assert!(!Path::new(&format!("{ovs}/boot1/web01@{}.xvda.ovl", &base_id[..8])).exists());
+    // Released: the base can go now, and prune frees what only it used.
+    env.ok(&["forget", &base_id[..16], "--prune"]);
     env.ok(&["check", "--read-data"]);
+    env.ok(&["restore", "web01@latest:xvda", "--target", restored.to_str().expect("path"), "--overwrite"]);
+    assert!(crate::util::same_file(&restored, &expect), "the committed snapshot after the prune");
 }
 
 /// A CA and a server certificate for 127.0.0.1 / localhost, made with openssl, in `dir`
