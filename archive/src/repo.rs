@@ -278,7 +278,12 @@ impl Repository {
             if id.to_hex() != name {
                 continue;
             }
-            out.push(SnapshotEntry { id, snapshot: self.load_snapshot(&id)? });
+            match self.load_snapshot(&id) {
+                Ok(snapshot) => out.push(SnapshotEntry { id, snapshot }),
+                // Forgotten between the listing and the read.
+                Err(Error::Missing { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| (a.snapshot.timestamp(), &a.snapshot.time).cmp(&(b.snapshot.timestamp(), &b.snapshot.time)));
         Ok(out)
