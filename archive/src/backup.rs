@@ -187,16 +187,13 @@ pub fn backup(
     // With a prune pending, a parent's chunk counts only where a pack it keeps holds it;
     // unchanged ranges whose chunks it will delete are read again from the source.
     let mut unusable = HashSet::new();
-    if !condemned.packs.is_empty() {
-        for id in parent_ids.drain() {
-            if !known.usable(&id)? {
-                unusable.insert(id);
-            } else {
-                known.parent.insert(id);
-            }
+    for id in parent_ids {
+        if condemned.packs.is_empty() || known.usable(&id)? {
+            known.parent.insert(id);
+        } else {
+            unusable.insert(id);
         }
     }
-    known.parent.extend(parent_ids);
     for (_, e) in &orphans {
         known.parent.insert(e.id);
     }

@@ -133,9 +133,8 @@ fn check_index(repo: &Repository, report: &mut CheckReport) -> Result<(ChunkTabl
             match file.read_page(&**repo.backend(), repo.sealer(), p) {
                 Ok(page) => {
                     for (id, loc) in file.entries(&page) {
-                        let e = BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len };
                         indexed.insert(loc.pack);
-                        table.entry(id).or_insert((loc.pack, e));
+                        table.entry(id).or_insert((loc.pack, loc.entry(id)));
                     }
                 }
                 Err(e) if e.is_damage() => report.error(format!("index/{name}"), e.to_string()),

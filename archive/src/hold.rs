@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::SnapshotId;
-use crate::object::{open_object, seal_object};
 use crate::repo::Repository;
 
 pub const HOLD_DIR: &str = "holds";
@@ -45,26 +44,11 @@ struct Tombstone {
     created: String,
 }
 
-fn read<T: serde::de::DeserializeOwned>(repo: &Repository, path: &str, magic: &[u8; 8]) -> Result<Option<T>> {
-    let bytes = match repo.backend().read(path) {
-        Ok(b) => b,
-        Err(Error::Missing { .. }) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let body = open_object(repo.sealer(), magic, &bytes, path)?;
-    serde_json::from_slice(&body).map(Some).map_err(|e| Error::corrupt(path, e.to_string()))
-}
-
-fn write(repo: &Repository, path: &str, magic: &[u8; 8], value: &impl Serialize) -> Result<()> {
-    let body = serde_json::to_vec(value).expect("serializes");
-    repo.backend().write(path, &seal_object(repo.sealer(), magic, &body, 3)?)
-}
-
 /// Every hold, by file name.
 pub fn holds(repo: &Repository) -> Result<Vec<(String, Hold)>> {
     let mut out = Vec::new();
     for name in repo.backend().list(HOLD_DIR)? {
-        if let Some(h) = read::<Hold>(repo, &format!("{HOLD_DIR}/{name}"), HOLD_MAGIC)? {
+        if let Some(h) = repo.read_json_object::<Hold>(&format!("{HOLD_DIR}/{name}"), HOLD_MAGIC)? {
             out.push((name, h));
         }
     }
@@ -76,7 +60,7 @@ pub fn holds_on(repo: &Repository, id: &SnapshotId) -> Result<Vec<Hold>> {
     let prefix = format!("{}-", id.to_hex());
     let mut out = Vec::new();
     for name in repo.backend().list(HOLD_DIR)?.into_iter().filter(|n| n.starts_with(&prefix)) {
-        if let Some(h) = read::<Hold>(repo, &format!("{HOLD_DIR}/{name}"), HOLD_MAGIC)? {
+        if let Some(h) = repo.read_json_object::<Hold>(&format!("{HOLD_DIR}/{name}"), HOLD_MAGIC)? {
             out.push(h);
         }
     }
@@ -96,13 +80,13 @@ pub fn hold(repo: &Repository, id: &SnapshotId, reason: &str, overlay: Option<St
         created: jiff::Timestamp::now().to_string(),
     };
     let path = format!("{HOLD_DIR}/{name}");
-    write(repo, &path, HOLD_MAGIC, &h)?;
+    repo.write_json_object(&path, HOLD_MAGIC, &h)?;
     // Written; now look. A forget that did not see this hold wrote its tombstone first.
     let prefix = format!("{}-", id.to_hex());
     for t in repo.backend().list(FORGET_DIR)?.into_iter().filter(|n| n.starts_with(&prefix)) {
-        let tomb = read::<Tombstone>(repo, &format!("{FORGET_DIR}/{t}"), TOMBSTONE_MAGIC);
+        let tomb = repo.read_json_object::<Tombstone>(&format!("{FORGET_DIR}/{t}"), TOMBSTONE_MAGIC);
         let live = match &tomb {
-            Ok(Some(t)) => !stale(repo, t),
+            Ok(Some(t)) => crate::lock::holder_gone(&t.host, t.pid, &t.created, repo.stale_after).is_none(),
             Ok(None) => false,
             Err(_) => true, // cannot tell: assume a forget runs
         };
@@ -116,19 +100,6 @@ pub fn hold(repo: &Repository, id: &SnapshotId, reason: &str, overlay: Option<St
         return Err(Error::Missing { object: format!("snapshot {}", id.short()), referenced_by: Some(reason.into()) });
     }
     Ok(name)
-}
-
-fn stale(repo: &Repository, t: &Tombstone) -> bool {
-    let as_lock = crate::lock::LockInfo {
-        version: 1,
-        kind: crate::lock::LockKind::Shared,
-        host: t.host.clone(),
-        pid: t.pid,
-        created: t.created.clone(),
-        refreshed: t.created.clone(),
-        command: "forget".into(),
-    };
-    as_lock.stale_reason(repo.stale_after).is_some()
 }
 
 /// Release the holds an overlay file made.
@@ -158,7 +129,7 @@ pub fn forget(repo: &Repository, id: &SnapshotId) -> Result<()> {
         pid: std::process::id(),
         created: jiff::Timestamp::now().to_string(),
     };
-    write(repo, &tomb, TOMBSTONE_MAGIC, &t)?;
+    repo.write_json_object(&tomb, TOMBSTONE_MAGIC, &t)?;
     // Written; now look. A hold this listing misses sees the tombstone and withdraws.
     let result = match holds_on(repo, id) {
         Ok(h) if !h.is_empty() => Err(Error::Usage(format!(
@@ -228,13 +199,13 @@ mod tests {
             created: jiff::Timestamp::now().to_string(),
         };
         let path = format!("{FORGET_DIR}/{}-0000000000000000", id.to_hex());
-        write(&repo, &path, TOMBSTONE_MAGIC, &t).unwrap();
+        repo.write_json_object(&path, TOMBSTONE_MAGIC, &t).unwrap();
         let err = hold(&repo, &id, "overlay", None).unwrap_err().to_string();
         assert!(err.contains("being forgotten"), "{err}");
         assert!(holds(&repo).unwrap().is_empty(), "the hold was withdrawn");
         // A killed forget's tombstone (its process is gone) does not block.
         t.pid = i32::MAX as u32 - 7;
-        write(&repo, &path, TOMBSTONE_MAGIC, &t).unwrap();
+        repo.write_json_object(&path, TOMBSTONE_MAGIC, &t).unwrap();
         hold(&repo, &id, "overlay", None).unwrap();
         assert_eq!(holds_on(&repo, &id).unwrap().len(), 1);
     }

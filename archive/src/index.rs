@@ -46,6 +46,13 @@ pub struct Location {
     pub raw_len: u32,
 }
 
+impl Location {
+    /// The pack-table-of-contents form of this entry, for chunk `id`.
+    pub fn entry(&self, id: ChunkId) -> BlobEntry {
+        BlobEntry { id, offset: self.offset, stored_len: self.stored_len, raw_len: self.raw_len }
+    }
+}
+
 fn page_aad(index_id: &[u8; 32], page: u32) -> Vec<u8> {
     let mut aad = INDEX_MAGIC.to_vec();
     aad.extend_from_slice(index_id);

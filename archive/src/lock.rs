@@ -72,6 +72,21 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// Why the holder of a lock-like record (process `pid` on `host`, last alive at `refreshed`)
+/// counts as gone, or `None` when it may still be running: its process is gone from this
+/// host, or it has not refreshed for `stale_after`.
+pub fn holder_gone(host: &str, pid: u32, refreshed: &str, stale_after: Duration) -> Option<String> {
+    if host == hostname() && !process_alive(pid) {
+        return Some(format!("process {pid} on {host} is gone"));
+    }
+    let Ok(refreshed) = refreshed.parse::<jiff::Timestamp>() else {
+        return Some(format!("refresh time {refreshed:?} is unreadable"));
+    };
+    let age = jiff::Timestamp::now().duration_since(refreshed);
+    let limit = jiff::SignedDuration::try_from(stale_after).ok()?;
+    (age > limit).then(|| format!("not refreshed for {}s", age.as_secs()))
+}
+
 impl LockInfo {
     /// Why this lock is stale, or `None` when it may still be held.
     pub fn stale_reason(&self, stale_after: Duration) -> Option<String> {
@@ -79,15 +94,7 @@ impl LockInfo {
             // A lock from a newer vmvault: never assume it is gone.
             return None;
         }
-        if self.host == hostname() && !process_alive(self.pid) {
-            return Some(format!("process {} on {} is gone", self.pid, self.host));
-        }
-        let Ok(refreshed) = self.refreshed.parse::<jiff::Timestamp>() else {
-            return Some(format!("refresh time {:?} is unreadable", self.refreshed));
-        };
-        let age = jiff::Timestamp::now().duration_since(refreshed);
-        let limit = jiff::SignedDuration::try_from(stale_after).ok()?;
-        (age > limit).then(|| format!("not refreshed for {}s", age.as_secs()))
+        holder_gone(&self.host, self.pid, &self.refreshed, stale_after)
     }
 
     pub fn describe(&self) -> String {

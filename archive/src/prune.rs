@@ -16,9 +16,9 @@
 //!    packs and the still-unreferenced maps, and last the marker.
 //!
 //! Memory: the live set is a sorted list of 8-byte chunk-id prefixes (a dead chunk whose
-//! prefix equals a live one's is kept — a miss that can only keep, never delete), the
-//! per-pack counters, and the live entries of condemned packs; index pages and stream maps
-//! are read one at a time. Ten million chunks fit in well under 512 MiB.
+//! prefix equals a live one's is kept — a miss that can only keep, never delete) and the
+//! per-pack counters; condemned packs, index pages and stream maps are read one at a time.
+//! Ten million chunks fit in well under 512 MiB.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -31,7 +31,6 @@ use crate::extents::ExtentKind;
 use crate::id::{ChunkId, ObjectId, PackId};
 use crate::index::build_index;
 use crate::lock::{list_locks, LockKind};
-use crate::object::{open_object, seal_object};
 use crate::pack::{open_chunk, pack_path, BlobEntry, PackBuilder};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -85,10 +84,6 @@ impl Condemned {
         Ok(out)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.packs.is_empty() && self.maps.is_empty()
-    }
-
     /// Before a backup saves stream map `id`: when a marker it saw at its start condemns
     /// the map, and a prune is running (it may be about to delete the map), wait until that
     /// marker is gone or no prune runs, so the map is written, or found, after. A prune that
@@ -122,13 +117,7 @@ pub fn pending(repo: &Repository) -> Result<Vec<(String, PruneMarker)>> {
     let mut out = Vec::new();
     for name in repo.backend().list(PRUNE_DIR)? {
         let path = format!("{PRUNE_DIR}/{name}");
-        let bytes = match repo.backend().read(&path) {
-            Ok(b) => b,
-            Err(Error::Missing { .. }) => continue, // finished meanwhile
-            Err(e) => return Err(e),
-        };
-        let body = open_object(repo.sealer(), PRUNE_MAGIC, &bytes, &path)?;
-        let m: PruneMarker = serde_json::from_slice(&body).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+        let Some(m) = repo.read_json_object::<PruneMarker>(&path, PRUNE_MAGIC)? else { continue }; // finished
         if m.version != 1 {
             return Err(Error::Unsupported(format!("{path}: prune marker version {}", m.version)));
         }
@@ -138,8 +127,7 @@ pub fn pending(repo: &Repository) -> Result<Vec<(String, PruneMarker)>> {
 }
 
 fn write_marker(repo: &Repository, name: &str, m: &PruneMarker) -> Result<()> {
-    let body = serde_json::to_vec(m).expect("marker serializes");
-    repo.backend().write(&format!("{PRUNE_DIR}/{name}"), &seal_object(repo.sealer(), PRUNE_MAGIC, &body, 3)?)
+    repo.write_json_object(&format!("{PRUNE_DIR}/{name}"), PRUNE_MAGIC, m)
 }
 
 /// How prune chooses and behaves.
@@ -441,7 +429,6 @@ fn with_hint(e: Error) -> Error {
 struct PackCount {
     chunks: u64,
     live_chunks: u64,
-    stored: u64,
     live_stored: u64,
 }
 
@@ -457,7 +444,6 @@ fn plan(repo: &Repository, live: &Live, max_unused: f64, progress: &Progress) ->
             for (id, loc) in f.entries(&page) {
                 let c = counts.entry(loc.pack).or_default();
                 c.chunks += 1;
-                c.stored += u64::from(loc.stored_len);
                 if live.contains(&id) {
                     c.live_chunks += 1;
                     c.live_stored += u64::from(loc.stored_len);
@@ -531,6 +517,9 @@ fn commit(
     report: &mut PruneReport,
 ) -> Result<()> {
     let condemned: HashSet<PackId> = m.packs.iter().map(|p| p.parse()).collect::<Result<_>>()?;
+    // After the wait: the waited-for backups' manifests count. Later backups neither reuse
+    // condemned chunks nor save a condemned map while this prune runs, so this one mark
+    // serves the packs and the maps.
     let live = mark(repo, &HashSet::new())?;
     let index = repo.load_index(64)?;
     let indexed: HashSet<PackId> = index.files.iter().flat_map(|f| f.packs.iter().copied()).collect();
@@ -582,8 +571,8 @@ fn commit(
     report.packs_kept += keep.len();
     let doomed: HashSet<PackId> = condemned.iter().filter(|p| !keep.contains(p)).copied().collect();
 
-    // Replace every index file that lists a doomed pack by one without those entries.
-    let index = repo.load_index(4)?;
+    // Replace every index file that lists a doomed pack by one without those entries. Files
+    // written since `index` was loaded (the copies, backups) list no condemned pack.
     let mut replaced = Vec::new();
     let mut kept_entries: Vec<(PackId, BlobEntry)> = Vec::new();
     for f in &index.files {
@@ -594,10 +583,7 @@ fn commit(
             let page = f.read_page(&**repo.backend(), repo.sealer(), p)?;
             for (id, loc) in f.entries(&page) {
                 if !doomed.contains(&loc.pack) {
-                    kept_entries.push((
-                        loc.pack,
-                        BlobEntry { id, offset: loc.offset, stored_len: loc.stored_len, raw_len: loc.raw_len },
-                    ));
+                    kept_entries.push((loc.pack, loc.entry(id)));
                 }
             }
             if kept_entries.len() >= INDEX_FILE_ENTRIES {
@@ -624,7 +610,6 @@ fn commit(
         hook(Step::PackRemoved)?;
     }
     // Maps: still unreferenced after the waited-for backups saved theirs.
-    let live = mark(repo, &HashSet::new())?;
     for id in &m.maps {
         let id: ObjectId = id.parse()?;
         if !live.maps.contains(&id) {

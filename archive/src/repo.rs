@@ -244,6 +244,24 @@ impl Repository {
         Ok(body)
     }
 
+    /// Write a sealed JSON object that is not content-addressed (prune markers, holds).
+    pub fn write_json_object(&self, path: &str, magic: &[u8; 8], value: &impl serde::Serialize) -> Result<()> {
+        let body = serde_json::to_vec(value).map_err(|e| Error::Usage(format!("{path}: {e}")))?;
+        self.backend.write(path, &seal_object(&self.sealer, magic, &body, 3)?)
+    }
+
+    /// Read a sealed JSON object written by [`write_json_object`](Self::write_json_object);
+    /// `None` when it does not exist (removed meanwhile).
+    pub fn read_json_object<T: serde::de::DeserializeOwned>(&self, path: &str, magic: &[u8; 8]) -> Result<Option<T>> {
+        let bytes = match self.backend.read(path) {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let body = open_object(&self.sealer, magic, &bytes, path)?;
+        serde_json::from_slice(&body).map(Some).map_err(|e| Error::corrupt(path, e.to_string()))
+    }
+
     pub fn save_stream_map(&self, map: &StreamMap) -> Result<ObjectId> {
         self.save_object("streams", STREAM_MAGIC, &map.to_bytes())
     }

@@ -79,31 +79,31 @@ impl ChunkStore {
     /// the index as it is now. Still missing then means no snapshot needs it any more (the
     /// snapshot was forgotten and pruned) or the repository is damaged; the error says so.
     pub fn fetch_into(&self, id: &ChunkId, blob: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
-        let first = self.locate(id).and_then(|loc| self.read_blob(&loc, blob).map(|()| loc));
-        let loc = match first {
-            Ok(loc) => loc,
+        let loc = match self.read_located(id, blob) {
             Err(Error::Missing { object, .. }) => {
-                let gone = || Error::Missing {
+                let gone = Error::Missing {
                     object,
                     referenced_by: Some("a snapshot read here; it may have been forgotten and pruned".into()),
                 };
                 if !self.index.refresh(&self.repo)? {
-                    return Err(gone());
+                    return Err(gone);
                 }
-                match self.locate(id).and_then(|loc| self.read_blob(&loc, blob).map(|()| loc)) {
-                    Ok(loc) => loc,
-                    Err(Error::Missing { .. }) => return Err(gone()),
-                    Err(e) => return Err(e),
+                match self.read_located(id, blob) {
+                    Err(Error::Missing { .. }) => return Err(gone),
+                    other => other?,
                 }
             }
-            Err(e) => return Err(e),
+            other => other?,
         };
         open_chunk_into(self.repo.sealer(), self.repo.key(), id, blob, loc.raw_len, &pack_path(&loc.pack), out)
     }
 
-    fn read_blob(&self, loc: &Location, blob: &mut Vec<u8>) -> Result<()> {
+    /// Look `id` up and read its blob into `blob`; returns where it was.
+    fn read_located(&self, id: &ChunkId, blob: &mut Vec<u8>) -> Result<Location> {
+        let loc = self.locate(id)?;
         let path = pack_path(&loc.pack);
-        self.repo.backend().read_range_into(&path, u64::from(loc.offset), loc.stored_len as usize, blob)
+        self.repo.backend().read_range_into(&path, u64::from(loc.offset), loc.stored_len as usize, blob)?;
+        Ok(loc)
     }
 
     pub fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
