@@ -45,6 +45,11 @@ impl StreamReader {
         Self { store, map, ahead, last_end: AtomicU64::new(u64::MAX), prefetch }
     }
 
+    /// The chunk store the stream reads from.
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
     pub fn map(&self) -> &StreamMap {
         &self.map
     }

@@ -259,6 +259,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forget(a) => forget(&ctx, a),
         Command::Restore(a) => restore(&ctx, a),
         Command::Cat(a) => cat(&ctx, a),
+        Command::Export(a) => crate::export::run(&ctx, a),
+        Command::Import(a) => crate::import::run(&ctx, a),
         Command::Ls(a) => crate::browse::ls(&ctx, a),
         Command::Mount(a) => crate::mount::run(&ctx, a),
         Command::RestoreFiles(a) => crate::restore_files::run(&ctx, a),
@@ -374,7 +376,11 @@ fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         let _bar = Bar::start(progress.clone(), &format!("backup {}", a.vm), ctx.quiet);
         archive::backup::backup(&repo, sources, &opts, &progress)?
     };
-    let secs = start.elapsed().as_secs_f64();
+    report_backup(ctx, &entry, start.elapsed().as_secs_f64())
+}
+
+/// Print what a backup (or import) saved.
+pub(crate) fn report_backup(ctx: &Ctx, entry: &SnapshotEntry, secs: f64) -> Result<()> {
     let s = &entry.snapshot;
     if ctx.json {
         return ctx.print_json(&serde_json::json!({"id": entry.id.to_hex(), "snapshot": s, "seconds": secs}));

@@ -3,7 +3,9 @@
 
 mod browse;
 mod commands;
+mod export;
 mod human;
+mod import;
 mod mount;
 mod overlay;
 mod password;
@@ -56,6 +58,10 @@ pub enum Command {
     Forget(commands::ForgetArgs),
     /// Restore one stream of a snapshot to a file or block device (sparse).
     Restore(commands::RestoreArgs),
+    /// Write a snapshot's disk as raw, VHD, qcow2 or VMDK, to a file or standard output.
+    Export(export::ExportArgs),
+    /// Import VHD files (with their differencing chains) as a new snapshot.
+    Import(import::ImportArgs),
     /// Write one stream of a snapshot, or a file inside its disks, to standard output.
     Cat(commands::CatArgs),
     /// List disks, volumes and files inside a snapshot (ext2/3/4, also on LVM), without mounting.

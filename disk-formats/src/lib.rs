@@ -4,6 +4,7 @@
 //! - [`vhd`]: VHD fixed/dynamic writers, a reader for fixed, dynamic and differencing chains,
 //!   and a fixed-VHD view for the FUSE mount.
 //! - [`qcow2`]: a streaming qcow2 v3 writer.
+//! - [`vmdk`]: a streaming stream-optimized VMDK writer.
 //!
 //! Writers stream front to back into an [`out::Output`] and take time proportional to the
 //! disk's data: they ask the device for its zero extents ([`BlockDev::allocation`]) and leave
@@ -16,5 +17,6 @@ mod error;
 pub mod out;
 pub mod qcow2;
 pub mod vhd;
+pub mod vmdk;
 
 pub use error::{Error, Result};

@@ -103,7 +103,7 @@ impl Layout {
         h[56..60].copy_from_slice(&u32::try_from(self.refcount_table).unwrap_or(u32::MAX).to_be_bytes());
         h[96..100].copy_from_slice(&4u32.to_be_bytes()); // refcount_order: 16-bit
         h[100..104].copy_from_slice(&104u32.to_be_bytes()); // header_length
-        // Bytes 104..112 stay zero: the header extension list's end marker.
+                                                            // Bytes 104..112 stay zero: the header extension list's end marker.
         h
     }
 }

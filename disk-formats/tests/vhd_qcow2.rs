@@ -121,7 +121,8 @@ fn a_terabyte_of_zeros_costs_only_its_tables() {
     let n = write_with(&img, |o| qcow2::write(&disk, o));
     assert!(n < 1 << 20, "{n}-byte qcow2 for 4 KiB of data");
     run(Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(&img));
-    let dump = run(Command::new("qemu-io").args(["-f", "qcow2", "-c"]).arg(format!("read -v {} 16", disk.len / 2)).arg(&img));
+    let dump =
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c"]).arg(format!("read -v {} 16", disk.len / 2)).arg(&img));
     let first: String = disk.pieces[0].1[..4].iter().map(|b| format!("{b:02x} ")).collect();
     assert!(dump.contains(first.trim_end()), "{dump}");
     let img = dir.path().join("big.vhd");
@@ -205,7 +206,8 @@ fn make_child(path: &Path, parent: &Path, locator: &str, sectors: &[(u32, u32, u
             for s in first..first + count {
                 bitmap[(s / 8) as usize] |= 0x80 >> (s % 8);
             }
-            data[first as usize * 512..(first + count) as usize * 512].copy_from_slice(&noise(seed, count as usize * 512));
+            data[first as usize * 512..(first + count) as usize * 512]
+                .copy_from_slice(&noise(seed, count as usize * 512));
         }
         file.extend_from_slice(&bitmap);
         file.extend_from_slice(&data);
@@ -317,4 +319,25 @@ fn damaged_vhds_are_clear_errors() {
     // A differencing disk opened alone.
     let e = open(good[..100].to_vec());
     assert!(e.contains("shorter than a footer"), "{e}");
+}
+
+#[test]
+fn stream_optimized_vmdk_passes_qemu_img_check_and_compares_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, img) = (dir.path().join("src.raw"), dir.path().join("d.vmdk"));
+    let disk = sample_disk();
+    write_raw(&disk, &raw);
+    write_with(&img, |o| disk_formats::vmdk::write_stream_optimized(&disk, o, "d.vmdk"));
+    run(Command::new("qemu-img").args(["check", "-q", "-f", "vmdk"]).arg(&img));
+    compare("vmdk", &img, &raw);
+    let info = run(Command::new("qemu-img").args(["info", "--output=json", "-f", "vmdk"]).arg(&img));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized", "{info}");
+    assert_eq!(info["virtual-size"], disk.len);
+    // A mostly empty terabyte: only its tables and one grain.
+    let big = mostly_empty(1 << 40);
+    let img = dir.path().join("big.vmdk");
+    let n = write_with(&img, |o| disk_formats::vmdk::write_stream_optimized(&big, o, "big.vmdk"));
+    assert!(n < 512 << 10, "{n}");
+    run(Command::new("qemu-img").args(["check", "-q", "-f", "vmdk"]).arg(&img));
 }

@@ -5,6 +5,7 @@ mod boot;
 mod browse;
 mod crash;
 mod forget;
+mod formats;
 mod mount;
 mod nbd;
 mod prune;

@@ -17,7 +17,9 @@ const MAX_DEPTH: usize = 128;
 fn open_layer(path: &Path) -> Result<Layer> {
     let file = FileDev::open(path).ctx(|| format!("opening {}", path.display()))?;
     Layer::open(Arc::new(file)).map_err(|e| match e {
-        Error::Corrupt { what, offset, detail } => Error::Corrupt { what: format!("{} ({what})", path.display()), offset, detail },
+        Error::Corrupt { what, offset, detail } => {
+            Error::Corrupt { what: format!("{} ({what})", path.display()), offset, detail }
+        }
         e => e,
     })
 }

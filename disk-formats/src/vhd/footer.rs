@@ -183,9 +183,11 @@ impl Footer {
 
 /// One's complement of the byte sum, the 4 bytes at `field` counted as zero.
 pub fn checksum(b: &[u8], field: usize) -> u32 {
-    let sum = b.iter().enumerate().filter(|(i, _)| !(field..field + 4).contains(i)).fold(0u32, |s, (_, &x)| {
-        s.wrapping_add(u32::from(x))
-    });
+    let sum = b
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(field..field + 4).contains(i))
+        .fold(0u32, |s, (_, &x)| s.wrapping_add(u32::from(x)));
     !sum
 }
 

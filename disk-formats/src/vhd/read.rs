@@ -91,7 +91,10 @@ impl Layer {
                 b"W2ku" => 1,
                 _ => continue,
             };
-            if loc.length == 0 || loc.length > 64 << 10 || loc.offset.saturating_add(u64::from(loc.length)) > self.file.len() {
+            if loc.length == 0
+                || loc.length > 64 << 10
+                || loc.offset.saturating_add(u64::from(loc.length)) > self.file.len()
+            {
                 continue;
             }
             let mut data = vec![0u8; loc.length as usize];
@@ -133,7 +136,10 @@ impl Sparse {
             return Err(Error::corrupt(
                 "VHD dynamic header",
                 at,
-                format!("{} BAT entries cannot cover {} bytes of {bs}-byte blocks", header.max_table_entries, footer.current_size),
+                format!(
+                    "{} BAT entries cannot cover {} bytes of {bs}-byte blocks",
+                    header.max_table_entries, footer.current_size
+                ),
             ));
         }
         let t = header.table_offset;

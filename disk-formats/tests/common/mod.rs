@@ -37,7 +37,8 @@ impl BlockDev for Pieces {
         for (at, d) in &self.pieces {
             let (s, e) = ((*at).max(offset), (at + d.len() as u64).min(end));
             if s < e {
-                buf[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&d[(s - at) as usize..(e - at) as usize]);
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&d[(s - at) as usize..(e - at) as usize]);
             }
         }
         Ok(())
