@@ -6,7 +6,7 @@
 # Usage: scripts/packages.sh
 set -euo pipefail
 
-pkgs=(e2fsprogs fdisk python3 zstd libnbd-bin fio kmod cpio xz-utils openssl dosfstools lvm2 fuse3 mtools ntfs-3g attr tzdata)
+pkgs=(e2fsprogs fdisk python3 zstd libnbd-bin fio kmod cpio xz-utils openssl dosfstools lvm2 fuse3 mtools ntfs-3g attr tzdata xxhash)
 qemu=(qemu-utils qemu-system-x86)
 sudo=""
 [[ $(id -u) -eq 0 ]] || sudo="sudo"

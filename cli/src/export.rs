@@ -29,11 +29,15 @@ pub enum Format {
     Qcow2,
     /// Stream-optimized VMDK (compressed grains), as OVA packages carry.
     Vmdk,
+    /// The whole VM: OVF descriptor, SHA-256 manifest and a stream-optimized VMDK per disk.
+    Ova,
+    /// The whole VM for XenServer / XCP-ng (`xe vm-import`), with its memory when captured.
+    Xva,
 }
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// SNAPSHOT:DISK, e.g. web01@latest:xvda.
+    /// SNAPSHOT:DISK for a disk format (e.g. web01@latest:xvda); SNAPSHOT for ova and xva.
     what: String,
     /// Output format.
     #[arg(long, short = 'f', value_enum)]
@@ -135,6 +139,9 @@ pub(crate) fn open_reader(ctx: &Ctx, command: &str) -> Result<(Arc<RepoReader>, 
 }
 
 pub fn run(ctx: &Ctx, a: ExportArgs) -> Result<()> {
+    if matches!(a.format, Format::Ova | Format::Xva) {
+        return export_vm(ctx, &a);
+    }
     let (snap, disk) = a
         .what
         .rsplit_once(':')
@@ -183,7 +190,88 @@ pub(crate) fn write_disk(dev: &dyn BlockDev, format: Format, out: &mut dyn Outpu
             let name = path.file_name().map_or("disk.vmdk".into(), |n| n.to_string_lossy().into_owned());
             disk_formats::vmdk::write_stream_optimized(dev, out, &name)?
         }
+        Format::Ova | Format::Xva => bail!("{format:?} packages a whole VM, not one disk"),
     })
+}
+
+/// OVA or XVA of a whole snapshot.
+fn export_vm(ctx: &Ctx, a: &ExportArgs) -> Result<()> {
+    use disk_formats::xva::objects::{package, StreamSpec};
+    let (reader, _lock) = open_reader(ctx, "export")?;
+    let entry = reader.repo().resolve_snapshot(&a.what)?;
+    let snap = &entry.snapshot;
+    let specs: Vec<StreamSpec> = snap
+        .streams
+        .iter()
+        .map(|s| StreamSpec {
+            name: s.name.clone(),
+            size: s.size,
+            memory: s.kind == archive::manifest::StreamKind::Memory,
+        })
+        .collect();
+    let mut packaged = package(&snap.vm, snap.meta.as_ref(), &specs);
+    if a.format == Format::Ova {
+        // OVF carries no memory state; disks go in user-device order.
+        let suspend = packaged.ova.vm().ok().and_then(|v| v.snapshot["suspend_VDI"].as_str().map(str::to_string));
+        packaged.vdis.retain(|(id, _)| Some(id) != suspend.as_ref());
+        let order = |id: &str| {
+            packaged
+                .ova
+                .of_class("VBD")
+                .find(|b| b.snapshot["VDI"].as_str() == Some(id))
+                .and_then(|b| disk_formats::xva::int_field(&b.snapshot, "userdevice"))
+                .unwrap_or(u64::MAX)
+        };
+        let mut vdis = packaged.vdis.clone();
+        vdis.sort_by_key(|(id, _)| order(id));
+        packaged.vdis = vdis;
+    }
+    for note in &packaged.notes {
+        eprintln!("note: {note}");
+    }
+    let devs: Vec<(String, StreamReader)> = packaged
+        .vdis
+        .iter()
+        .map(|(id, stream)| Ok((id.clone(), reader.open(&entry, stream)?)))
+        .collect::<Result<_>>()?;
+    let start = Instant::now();
+    let written = write_target(&a.output, a.overwrite, |out| {
+        Ok(match a.format {
+            Format::Xva => {
+                let disks: Vec<(String, &dyn BlockDev)> =
+                    devs.iter().map(|(id, d)| (id.clone(), d as &dyn BlockDev)).collect();
+                disk_formats::xva::write(&packaged.ova, &disks, out)?
+            }
+            _ => {
+                let spool = match a.output.parent() {
+                    Some(p) if a.output != Path::new("-") && !p.as_os_str().is_empty() => p.to_path_buf(),
+                    Some(_) if a.output != Path::new("-") => PathBuf::from("."),
+                    _ => std::env::temp_dir(),
+                };
+                let disks: Vec<&dyn BlockDev> = devs.iter().map(|(_, d)| d as &dyn BlockDev).collect();
+                disk_formats::ova::write(&packaged.ova, &disks, out, &spool)?
+            }
+        })
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let streams: Vec<&str> = packaged.vdis.iter().map(|(_, s)| s.as_str()).collect();
+    if ctx.json {
+        return ctx.print_json(&serde_json::json!({
+            "snapshot": entry.id.to_hex(), "format": format!("{:?}", a.format).to_lowercase(), "output": a.output,
+            "streams": streams, "written": written, "seconds": secs, "notes": packaged.notes,
+        }));
+    }
+    if a.output != Path::new("-") {
+        println!(
+            "exported {} of {} ({}) to {}: {} written in {secs:.1} s",
+            entry.id.short(),
+            snap.vm,
+            streams.join(", "),
+            a.output.display(),
+            human::bytes(written)
+        );
+    }
+    Ok(())
 }
 
 /// Raw to a file: the parallel, sparse restore path.

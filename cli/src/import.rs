@@ -17,11 +17,12 @@ use crate::progress::Bar;
 
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// The VM the snapshot belongs to.
+    /// The VM the snapshot belongs to (default for an XVA: its VM's name).
     #[arg(long)]
-    vm: String,
+    vm: Option<String>,
     /// VHD files as [NAME=]FILE (fixed, dynamic, or differencing: its parents are found
-    /// through its parent locators or --parent). NAME defaults to the file's stem.
+    /// through its parent locators or --parent; NAME defaults to the file's stem), or one XVA
+    /// (its disks, its memory if it holds a suspended VM, and its VM records).
     #[arg(required = true, value_name = "[NAME=]FILE")]
     files: Vec<String>,
     /// Parent VHDs of differencing disks, matched by unique id (when moved from where the
@@ -40,6 +41,7 @@ pub struct ImportArgs {
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
     Vhd,
+    Xva,
     Other,
 }
 
@@ -52,10 +54,20 @@ fn sniff(path: &Path) -> Result<Kind> {
     if len >= 512 {
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, len - 512)?;
     }
-    Ok(if head[..n.min(8)] == *b"conectix" || tail == *b"conectix" { Kind::Vhd } else { Kind::Other })
+    Ok(if head[..n.min(8)] == *b"conectix" || tail == *b"conectix" {
+        Kind::Vhd
+    } else if n == 512 && head.starts_with(b"ova.xml\0") {
+        Kind::Xva
+    } else {
+        Kind::Other
+    })
 }
 
 pub fn run(ctx: &Ctx, a: ImportArgs) -> Result<()> {
+    if a.files.len() == 1 && sniff(Path::new(&a.files[0]))? == Kind::Xva {
+        return import_xva(ctx, &a, Path::new(&a.files[0]));
+    }
+    let vm = a.vm.clone().ok_or_else(|| anyhow!("--vm NAME is needed for VHD files"))?;
     let mut sources = Vec::new();
     let mut origin = Vec::new();
     for spec in &a.files {
@@ -70,27 +82,52 @@ pub fn run(ctx: &Ctx, a: ImportArgs) -> Result<()> {
         if name.is_empty() || sources.iter().any(|s: &Source| s.name == name) {
             bail!("{spec:?}: each disk needs its own NAME (NAME=FILE)");
         }
-        if sniff(&path)? != Kind::Vhd {
-            bail!("{}: not a VHD file (no \"conectix\" footer)", path.display());
+        match sniff(&path)? {
+            Kind::Vhd => {}
+            Kind::Xva => bail!("{}: an XVA is imported alone", path.display()),
+            Kind::Other => bail!("{}: neither a VHD (no \"conectix\" footer) nor an XVA", path.display()),
         }
         let vhd =
             disk_formats::vhd::open_chain(&path, &a.parents).with_context(|| format!("opening {}", path.display()))?;
         origin.push(serde_json::json!({"stream": name, "format": "vhd", "file": path, "chain": vhd.depth()}));
         sources.push(Source { name, kind: StreamKind::Disk, dev: Box::new(vhd), changed: None });
     }
+    let meta = serde_json::json!({ "imported": origin });
+    save(ctx, &a, vm, sources, meta)
+}
+
+fn save(ctx: &Ctx, a: &ImportArgs, vm: String, sources: Vec<Source>, meta: serde_json::Value) -> Result<()> {
     let repo = ctx.open()?;
-    let opts = BackupOptions {
-        vm: a.vm.clone(),
-        tags: a.tags,
-        meta: Some(serde_json::json!({ "imported": origin })),
-        parent: ParentChoice::Latest,
-        workers: a.workers,
-    };
     let progress = Arc::new(archive::progress::Progress::default());
     let start = Instant::now();
+    let label = format!("import {vm}");
+    let opts =
+        BackupOptions { vm, tags: a.tags.clone(), meta: Some(meta), parent: ParentChoice::Latest, workers: a.workers };
     let entry = {
-        let _bar = Bar::start(progress.clone(), &format!("import {}", a.vm), ctx.quiet);
+        let _bar = Bar::start(progress.clone(), &label, ctx.quiet);
         archive::backup::backup(&repo, sources, &opts, &progress).map_err(|e| anyhow!(e))?
     };
     report_backup(ctx, &entry, start.elapsed().as_secs_f64())
+}
+
+/// An XVA: checked whole (every chunk's checksum) before anything is stored.
+fn import_xva(ctx: &Ctx, a: &ImportArgs, path: &Path) -> Result<()> {
+    use disk_formats::xva::{objects, Xva};
+    let file = blockdev::FileDev::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let xva = Xva::open(Arc::new(file)).with_context(|| format!("reading {}", path.display()))?;
+    let ids: Vec<String> = xva.disks.keys().cloned().collect();
+    let names = objects::stream_names(&xva.ova, &ids);
+    let meta = objects::meta_for(&xva.ova, &names);
+    let vm_name = xva.ova.vm()?.snapshot["name_label"].as_str().unwrap_or("").to_string();
+    let vm = a.vm.clone().unwrap_or_else(|| disk_formats::ova::file_stem(&vm_name));
+    let mut disks = xva.disks;
+    let sources = names
+        .into_iter()
+        .map(|(id, name, memory)| {
+            let dev = disks.remove(&id).expect("names come from the disks' ids");
+            let kind = if memory { StreamKind::Memory } else { StreamKind::Disk };
+            Source { name, kind, dev: Box::new(dev), changed: None }
+        })
+        .collect();
+    save(ctx, a, vm, sources, meta)
 }

@@ -58,9 +58,9 @@ pub enum Command {
     Forget(commands::ForgetArgs),
     /// Restore one stream of a snapshot to a file or block device (sparse).
     Restore(commands::RestoreArgs),
-    /// Write a snapshot's disk as raw, VHD, qcow2 or VMDK, to a file or standard output.
+    /// Write a snapshot's disk as raw, VHD, qcow2 or VMDK, or the VM as OVA or XVA.
     Export(export::ExportArgs),
-    /// Import VHD files (with their differencing chains) as a new snapshot.
+    /// Import VHD files (with their differencing chains) or an XVA as a new snapshot.
     Import(import::ImportArgs),
     /// Write one stream of a snapshot, or a file inside its disks, to standard output.
     Cat(commands::CatArgs),
