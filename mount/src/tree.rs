@@ -5,6 +5,7 @@
 //! /VM/latest -> TIME_ID                 the newest snapshot
 //! /VM/TIME_ID/vm.json                   the snapshot's manifest
 //! /VM/TIME_ID/disks/DISK.raw            each disk, random access, holes reported
+//! /VM/TIME_ID/disks/DISK.vhd            the same disk as a fixed VHD (raw bytes + footer)
 //! /VM/TIME_ID/STREAM.img                each memory stream (memory.img)
 //! /VM/TIME_ID/files/DISK/VOLUME/...     each volume's filesystem (guestfs), or for volumes
 //!                                       vmvault cannot read: partition.img and type.txt
@@ -74,6 +75,8 @@ enum Node {
     Disks(usize),
     /// `disks/NAME.raw`.
     Disk(usize, String),
+    /// `disks/NAME.vhd`: a fixed VHD, so offsets match the raw disk and holes stay holes.
+    DiskVhd(usize, String),
     /// `NAME.img` for a memory stream.
     Memory(usize, String),
     Files(usize),
@@ -82,6 +85,23 @@ enum Node {
     RawVolume(usize, usize),
     VolumeImg(usize, usize),
     VolumeType(usize, usize),
+}
+
+/// A stable unique id for a disk's VHD view: the same file every time it is opened.
+fn vhd_id(id: &SnapshotId, disk: &str) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&id.0[..16]);
+    for (i, b) in disk.bytes().enumerate() {
+        u[i % 16] ^= b.rotate_left((i / 16) as u32);
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// Snapshot time as VHD time (seconds since 2000-01-01 UTC).
+fn vhd_time(t: Time) -> u32 {
+    u32::try_from(t.secs.saturating_sub(disk_formats::vhd::footer::EPOCH_OFFSET as i64)).unwrap_or(0)
 }
 
 /// One snapshot, opened on first access.
@@ -372,6 +392,11 @@ impl Tree {
                 let size = s.entry.snapshot.stream(&name).map_or(0, |r| r.size);
                 self.made_up(ino, Kind::File, size, s.time)
             }
+            Node::DiskVhd(i, name) => {
+                let s = self.snap(i)?;
+                let size = s.entry.snapshot.stream(&name).map_or(0, |r| r.size);
+                self.made_up(ino, Kind::File, size + 512, s.time)
+            }
             Node::VolumeImg(i, v) => {
                 let s = self.snap(i)?;
                 let g = self.guest(&s)?;
@@ -429,8 +454,14 @@ impl Tree {
             }
             Node::Disks(i) => {
                 let s = self.snap(i)?;
-                let disks = s.entry.snapshot.streams.iter().filter(|r| r.kind == StreamKind::Disk);
-                disks.map(|r| file(format!("{}.raw", r.name), Node::Disk(i, r.name.clone()))).collect()
+                let mut out = Vec::new();
+                for r in s.entry.snapshot.streams.iter().filter(|r| r.kind == StreamKind::Disk) {
+                    out.push(file(format!("{}.raw", r.name), Node::Disk(i, r.name.clone())));
+                    if disk_formats::vhd::write::check_size(r.size).is_ok() {
+                        out.push(file(format!("{}.vhd", r.name), Node::DiskVhd(i, r.name.clone())));
+                    }
+                }
+                out
             }
             Node::Files(i) => {
                 let s = self.snap(i)?;
@@ -507,6 +538,13 @@ impl Tree {
         Ok(match self.node(ino)? {
             Node::VmJson(i) => Arc::new(MemDev::new(Self::manifest_json(&*self.snap(i)?).to_vec())),
             Node::Disk(i, name) | Node::Memory(i, name) => self.stream(&*self.snap(i)?, &name)?,
+            Node::DiskVhd(i, name) => {
+                let s = self.snap(i)?;
+                let dev = self.stream(&s, &name)?;
+                let vhd = disk_formats::vhd::FixedView::new(dev, vhd_id(&s.entry.id, &name), vhd_time(s.time))
+                    .map_err(|e| Error::Io(e.to_string()))?;
+                Arc::new(vhd)
+            }
             Node::VolumeImg(i, v) => {
                 let g = self.guest(&*self.snap(i)?)?;
                 g.volumes.get(v).and_then(|e| e.dev.clone()).ok_or_else(|| Error::Io("volume cannot be read".into()))?

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::browse::built;
-use crate::util::{compare_trees, same_file, Checks, Env};
+use crate::util::{compare_trees, same_file, text, Checks, Env};
 
 /// A running `vmvault mount`, unmounted (SIGTERM) when dropped.
 pub(crate) struct Mount {
@@ -99,6 +99,24 @@ fn mount_shows_snapshots_disks_and_guest_files() {
     assert!(first_hole > 0 && first_hole < std::fs::metadata(&raw).expect("stat").len(), "{first_hole}");
     let next_data = seek(&raw, SeekFrom::Data(first_hole)).expect("SEEK_DATA");
     assert!(next_data > first_hole, "{next_data}");
+    // The same disk as a fixed VHD: qemu reads it as the image, holes at the same places,
+    // and the file is the same on every open.
+    let vhd = snap.join("disks/xvda.vhd");
+    assert_eq!(names(&snap.join("disks")), ["xvda.raw", "xvda.vhd"]);
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "vpc", "-F", "raw"])
+        .arg(&vhd)
+        .arg(&img)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(seek(&vhd, SeekFrom::Hole(0)).expect("SEEK_HOLE"), first_hole);
+    let tail = |p: &Path| {
+        let b = std::fs::read(p).expect("read vhd");
+        b[b.len() - 512..].to_vec()
+    };
+    assert_eq!(tail(&vhd), tail(&vhd));
+    assert_eq!(&tail(&vhd)[..8], b"conectix");
 
     // Files inside the guest: names, bytes, modes, owners, times, links, special files.
     assert_eq!(names(&snap.join("files")), ["xvda"]);
