@@ -60,6 +60,9 @@ enum Target {
 impl Target {
     fn open(path: &Path, overwrite: bool) -> Result<Self> {
         if path == Path::new("-") {
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                bail!("refusing to write a disk image to a terminal; redirect it or pass -o FILE");
+            }
             return Ok(Target::Pipe(Stream(BufWriter::with_capacity(1 << 20, std::io::stdout()))));
         }
         if path.exists() && !overwrite {

@@ -45,11 +45,18 @@ impl OvaXml {
         })
     }
 
+    /// The document: the version record's integers as `<i4>` (XAPI reads them as OCaml
+    /// ints), record integers as bare strings (XAPI's int64 encoding).
     pub fn to_xml(&self) -> String {
         let mut s = String::with_capacity(64 << 10);
-        let objects: Vec<Value> =
-            self.objects.iter().map(|o| json!({"class": o.class, "id": o.id, "snapshot": o.snapshot})).collect();
-        xmlrpc::write_value(&json!({"version": self.version, "objects": objects}), &mut s);
+        s.push_str("<value><struct><member><name>version</name>");
+        xmlrpc::write_value_as(&self.version, &mut s, true);
+        s.push_str("</member><member><name>objects</name><value><array><data>");
+        for o in &self.objects {
+            let v = json!({"class": o.class, "id": o.id, "snapshot": o.snapshot});
+            xmlrpc::write_value(&v, &mut s);
+        }
+        s.push_str("</data></array></value></member></struct></value>");
         s
     }
 

@@ -26,12 +26,23 @@ pub fn escape(s: &str, out: &mut String) {
     }
 }
 
-/// Append `v` as an XML-RPC `<value>`.
+/// Append `v` as an XML-RPC `<value>`, integers as XAPI writes int64 fields (bare strings).
 pub fn write_value(v: &Value, out: &mut String) {
+    write_value_as(v, out, false);
+}
+
+/// Append `v`, integers as `<i4>` when `i4` (what XAPI writes and expects for OCaml `int`
+/// fields, like ova.xml's version record) or as bare strings otherwise.
+pub fn write_value_as(v: &Value, out: &mut String, i4: bool) {
     out.push_str("<value>");
     match v {
         Value::Null => {}
         Value::Bool(b) => out.push_str(if *b { "<boolean>1</boolean>" } else { "<boolean>0</boolean>" }),
+        Value::Number(n) if (n.is_i64() || n.is_u64()) && i4 => {
+            out.push_str("<i4>");
+            out.push_str(&n.to_string());
+            out.push_str("</i4>");
+        }
         Value::Number(n) if n.is_i64() || n.is_u64() => out.push_str(&n.to_string()),
         Value::Number(n) => {
             out.push_str("<double>");
@@ -41,7 +52,7 @@ pub fn write_value(v: &Value, out: &mut String) {
         Value::String(s) => escape(s, out),
         Value::Array(a) => {
             out.push_str("<array><data>");
-            a.iter().for_each(|x| write_value(x, out));
+            a.iter().for_each(|x| write_value_as(x, out, i4));
             out.push_str("</data></array>");
         }
         Value::Object(m) => {
@@ -50,7 +61,7 @@ pub fn write_value(v: &Value, out: &mut String) {
                 out.push_str("<member><name>");
                 escape(k, out);
                 out.push_str("</name>");
-                write_value(x, out);
+                write_value_as(x, out, i4);
                 out.push_str("</member>");
             }
             out.push_str("</struct>");
