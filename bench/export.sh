@@ -40,30 +40,30 @@ fi
 cmp "$raw" "$work/day0.img" || die "the restored raw file differs from day0.img"
 
 printf 'tool\tformat\trun\tseconds\tmax_rss_kib\n' >"$tsv"
-ours() { "$vmvault" -r "$repo" export -q corpus@latest:xvda -f "$1" -o "$out/ours.$1" --overwrite >/dev/null; }
+ours() { echo "$vmvault" -r "$repo" export -q corpus@latest:xvda -f "$1" -o "$out/ours.$1" --overwrite; }
 theirs() {
     case $1 in
-        vhd) qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$raw" "$out/theirs.vhd" ;;
-        qcow2) qemu-img convert -f raw -O qcow2 "$raw" "$out/theirs.qcow2" ;;
+        vhd) echo qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$raw" "$out/theirs.vhd" ;;
+        qcow2) echo qemu-img convert -f raw -O qcow2 "$raw" "$out/theirs.qcow2" ;;
     esac
 }
-timed() { # tool format run cmd...
+timed() { # tool format run command-line (paths without spaces)
     local t=$1 f=$2 r=$3
-    shift 3
-    /usr/bin/time -f '%e %M' -o "$out/time" "$@"
+    # shellcheck disable=SC2086 # the command line is split on purpose
+    /usr/bin/time -f '%e %M' -o "$out/time" $4 >/dev/null
     read -r secs rss <"$out/time"
     printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$f" "$r" "$secs" "$rss" >>"$tsv"
 }
 for f in vhd qcow2; do
-    ours "$f"
-    theirs "$f"
+    $(ours "$f") >/dev/null
+    $(theirs "$f")
     qfmt=$f
     [[ $f == vhd ]] && qfmt=vpc
     qemu-img compare -q -f "$qfmt" -F raw "$out/ours.$f" "$raw" || die "our $f differs from the raw disk"
     for r in $(seq "$runs"); do
-        timed vmvault "$f" "$r" ours "$f"
+        timed vmvault "$f" "$r" "$(ours "$f")"
         rm -f "$out/ours.$f"
-        timed qemu-img "$f" "$r" theirs "$f"
+        timed qemu-img "$f" "$r" "$(theirs "$f")"
         rm -f "$out/theirs.$f"
     done
 done

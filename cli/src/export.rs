@@ -2,7 +2,7 @@
 //! whole VM as OVA / XVA), to a file or standard output.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use archive::reader::{RepoReader, StreamReader};
 use archive::restore::RestoreOptions;
 use blockdev::{BlockDev, FileDev};
 use clap::{Args, ValueEnum};
-use disk_formats::out::{copy_sparse, Output, SparseFile, Stream};
+use disk_formats::out::{copy_sparse, Background, Output, SparseFile, Stream};
 
 use crate::commands::Ctx;
 use crate::human;
@@ -53,8 +53,8 @@ pub struct ExportArgs {
 /// Where the bytes go: a file written under a temporary name and renamed when complete (a
 /// failed export leaves nothing behind), or standard output.
 enum Target {
-    File { out: SparseFile, tmp: PathBuf, path: PathBuf },
-    Pipe(Stream<BufWriter<std::io::Stdout>>),
+    File { out: Background<SparseFile>, tmp: PathBuf, path: PathBuf },
+    Pipe(Background<Stream<BufWriter<std::io::Stdout>>>),
 }
 
 impl Target {
@@ -63,14 +63,14 @@ impl Target {
             if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                 bail!("refusing to write a disk image to a terminal; redirect it or pass -o FILE");
             }
-            return Ok(Target::Pipe(Stream(BufWriter::with_capacity(1 << 20, std::io::stdout()))));
+            return Ok(Target::Pipe(Background::new(Stream(BufWriter::with_capacity(1 << 20, std::io::stdout())))?));
         }
         if path.exists() && !overwrite {
             bail!("{} exists; pass --overwrite to replace it", path.display());
         }
         let tmp = temp_name(path);
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Target::File { out: SparseFile::new(file), tmp, path: path.to_path_buf() })
+        Ok(Target::File { out: Background::new(SparseFile::new(file))?, tmp, path: path.to_path_buf() })
     }
 
     fn output(&mut self) -> &mut dyn Output {
@@ -83,11 +83,12 @@ impl Target {
     fn finish(self) -> Result<()> {
         match self {
             Target::File { out, tmp, path } => {
-                let file = out.finish().with_context(|| format!("writing {}", tmp.display()))?;
+                let file =
+                    out.finish().and_then(SparseFile::finish).with_context(|| format!("writing {}", tmp.display()))?;
                 file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
                 std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
             }
-            Target::Pipe(mut s) => s.flush().map_err(pipe_error),
+            Target::Pipe(s) => s.finish().map(drop).map_err(pipe_error),
         }
     }
 
@@ -134,11 +135,12 @@ pub(crate) fn write_target(
     }
 }
 
-/// Open the repository for reading (a read lock, as mount and serve take).
+/// Open the repository for reading (a read lock, as mount and serve take). Exports read
+/// each chunk once, front to back: a small chunk cache is enough.
 pub(crate) fn open_reader(ctx: &Ctx, command: &str) -> Result<(Arc<RepoReader>, archive::lock::LockGuard)> {
     let repo = Arc::new(ctx.open()?);
     let lock = repo.lock(archive::lock::LockKind::Read, command)?;
-    Ok((Arc::new(RepoReader::new(repo, 1024, 256 << 20)?), lock))
+    Ok((Arc::new(RepoReader::new(repo, 1024, 32 << 20)?), lock))
 }
 
 pub fn run(ctx: &Ctx, a: ExportArgs) -> Result<()> {

@@ -162,3 +162,91 @@ pub fn write_skipping_zeros(out: &mut dyn Output, buf: &[u8]) -> io::Result<()> 
     }
     Ok(())
 }
+
+/// Hands the writing to a background thread, so reading and decompressing the next blocks
+/// overlaps the write system calls (and page-cache copies) of the previous ones. Bytes are
+/// batched into 4 MiB messages; at most four are in flight.
+#[derive(Debug)]
+pub struct Background<W: Output + Send + 'static> {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Op>>,
+    thread: Option<std::thread::JoinHandle<io::Result<W>>>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+const BATCH: usize = 4 << 20;
+
+impl<W: Output + Send + 'static> Background<W> {
+    pub fn new(mut inner: W) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Op>(4);
+        let thread = std::thread::Builder::new().name("vmvault-write".into()).spawn(move || {
+            for op in rx {
+                match op {
+                    Op::Data(b) => inner.write_all(&b)?,
+                    Op::Zeros(n) => inner.zeros(n)?,
+                }
+            }
+            inner.flush()?;
+            Ok(inner)
+        })?;
+        Ok(Self { buf: Vec::with_capacity(BATCH), tx: Some(tx), thread: Some(thread) })
+    }
+
+    fn send(&mut self, op: Op) -> io::Result<()> {
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(op).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            // The writer stopped: its error says why.
+            Err(self.join().err().unwrap_or_else(|| io::Error::other("the writer thread stopped")))
+        }
+    }
+
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH));
+        self.send(Op::Data(b))
+    }
+
+    fn join(&mut self) -> io::Result<W> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| io::Error::other("the writer thread panicked"))?,
+            None => Err(io::Error::other("the writer thread already finished")),
+        }
+    }
+
+    /// Write what is buffered, wait for the thread, and return the inner output.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.send_buf()?;
+        self.join()
+    }
+}
+
+impl<W: Output + Send + 'static> Write for Background<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = b.len().min(BATCH - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        if self.buf.len() == BATCH {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buf()
+    }
+}
+
+impl<W: Output + Send + 'static> Output for Background<W> {
+    fn zeros(&mut self, n: u64) -> io::Result<()> {
+        self.send_buf()?;
+        self.send(Op::Zeros(n))
+    }
+}
