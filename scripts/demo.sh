@@ -46,3 +46,10 @@ vmvault forget --keep-last 1 --prune
 vmvault check
 vmvault restore web01@latest:xvda --target demo/restored-day1.raw --overwrite
 cmp demo/restored-day1.raw demo/day1.img && echo "day 1 still restores byte-identically after prune"
+echo "== export the newest snapshot as a dynamic VHD and as an XVA, and check them"
+vmvault export web01@latest:xvda --format vhd -o demo/xvda.vhd --overwrite
+qemu-img compare -f vpc -F raw demo/xvda.vhd demo/day1.img
+vmvault export web01@latest --format xva -o demo/web01.xva --overwrite
+vmvault import demo/web01.xva --vm web01-from-xva
+vmvault restore web01-from-xva@latest:xvda --target demo/restored-xva.raw --overwrite
+cmp demo/restored-xva.raw demo/day1.img && echo "the XVA round trip is byte-identical"
