@@ -168,7 +168,15 @@ fn fio_random_reads_at_queue_depth_16_verify() {
     // back through the export in random order, 16 requests in flight, checking every block.
     let img = env.path("fio.img");
     write_image(&img, 32 << 20, &[]);
-    let job = ["--name=v", "--size=32M", "--bs=4k", "--rw=randwrite", "--verify=crc32c", "--randrepeat=1"];
+    let job = [
+        "--name=v",
+        "--size=32M",
+        "--bs=4k",
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--randrepeat=1",
+        "--verify_state_save=0",
+    ];
     tool("fio", &[&job[..], &["--ioengine=psync", &format!("--filename={}", img.display()), "--do_verify=0"]].concat());
     env.ok(&["backup", "--vm", "f", &format!("xvda={}", img.display())]);
     let srv = Server::start(&env, &[]);
