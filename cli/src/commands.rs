@@ -554,7 +554,7 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
 }
 
 /// Split `SNAPSHOT:STREAM` at the last colon.
-fn split_what(what: &str) -> Result<(&str, &str)> {
+pub(crate) fn split_what(what: &str) -> Result<(&str, &str)> {
     what.rsplit_once(':')
         .filter(|(a, b)| !a.is_empty() && !b.is_empty())
         .ok_or_else(|| anyhow!("{what:?}: expected SNAPSHOT:STREAM, e.g. web01@latest:xvda"))
@@ -585,23 +585,11 @@ fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         if meta.is_ok() && !a.overwrite {
             bail!("{} exists; pass --overwrite to replace it", a.target.display());
         }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create(true)
-            .truncate(true)
-            .open(&a.target)
-            .with_context(|| format!("creating {}", a.target.display()))?;
-        f.set_len(map.size)?;
-        FileDev::from_file(f, true)?
+        sized_file(&a.target, map.size)?
     };
-    let progress = Arc::new(Progress::default());
     let start = Instant::now();
-    {
-        let _bar = Bar::start(progress.clone(), "restore", ctx.quiet);
-        let opts = RestoreOptions { threads: a.threads, write_zeros: is_block };
-        archive::restore::restore(&store, &map, &target, opts, &progress)?;
-    }
+    let opts = RestoreOptions { threads: a.threads, write_zeros: is_block };
+    restore_with_bar(ctx, &store, &map, &target, opts, "restore")?;
     let secs = start.elapsed().as_secs_f64();
     if ctx.json {
         return ctx.print_json(&serde_json::json!({"target": a.target, "bytes": map.size, "seconds": secs}));
@@ -612,6 +600,34 @@ fn restore(ctx: &Ctx, a: RestoreArgs) -> Result<()> {
         a.target.display(),
         human::rate(map.size, secs)
     );
+    Ok(())
+}
+
+/// A new (or truncated) file of `size` bytes, all hole, as a writable device.
+pub(crate) fn sized_file(path: &Path, size: u64) -> Result<FileDev> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)?;
+    Ok(FileDev::from_file(f, true)?)
+}
+
+/// The parallel restore of one stream into `target`, with a progress bar on a terminal.
+pub(crate) fn restore_with_bar(
+    ctx: &Ctx,
+    store: &ChunkStore,
+    map: &archive::extents::StreamMap,
+    target: &FileDev,
+    opts: RestoreOptions,
+    label: &str,
+) -> Result<()> {
+    let progress = Arc::new(Progress::default());
+    let _bar = Bar::start(progress.clone(), label, ctx.quiet);
+    archive::restore::restore(store, map, target, opts, &progress)?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use archive::reader::{RepoReader, StreamReader};
 use archive::restore::RestoreOptions;
-use blockdev::{BlockDev, FileDev};
+use blockdev::BlockDev;
 use clap::{Args, ValueEnum};
 use disk_formats::out::{copy_sparse, Background, Output, SparseFile, Stream};
 
@@ -147,11 +147,7 @@ pub fn run(ctx: &Ctx, a: ExportArgs) -> Result<()> {
     if matches!(a.format, Format::Ova | Format::Xva) {
         return export_vm(ctx, &a);
     }
-    let (snap, disk) = a
-        .what
-        .rsplit_once(':')
-        .filter(|(s, d)| !s.is_empty() && !d.is_empty())
-        .ok_or_else(|| anyhow!("{:?}: expected SNAPSHOT:DISK, e.g. web01@latest:xvda", a.what))?;
+    let (snap, disk) = crate::commands::split_what(&a.what)?;
     let (reader, _lock) = open_reader(ctx, "export")?;
     let entry = reader.repo().resolve_snapshot(snap)?;
     let stream = Arc::new(reader.open(&entry, disk)?);
@@ -216,20 +212,7 @@ fn export_vm(ctx: &Ctx, a: &ExportArgs) -> Result<()> {
         .collect();
     let mut packaged = package(&snap.vm, snap.meta.as_ref(), &specs);
     if a.format == Format::Ova {
-        // OVF carries no memory state; disks go in user-device order.
-        let suspend = packaged.ova.vm().ok().and_then(|v| v.snapshot["suspend_VDI"].as_str().map(str::to_string));
-        packaged.vdis.retain(|(id, _)| Some(id) != suspend.as_ref());
-        let order = |id: &str| {
-            packaged
-                .ova
-                .of_class("VBD")
-                .find(|b| b.snapshot["VDI"].as_str() == Some(id))
-                .and_then(|b| disk_formats::xva::int_field(&b.snapshot, "userdevice"))
-                .unwrap_or(u64::MAX)
-        };
-        let mut vdis = packaged.vdis.clone();
-        vdis.sort_by_key(|(id, _)| order(id));
-        packaged.vdis = vdis;
+        packaged.keep_ovf_disks();
     }
     for note in &packaged.notes {
         eprintln!("note: {note}");
@@ -279,19 +262,17 @@ fn export_vm(ctx: &Ctx, a: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Raw to a file: the parallel, sparse restore path.
+/// Raw to a file: the parallel, sparse restore path, into a temporary name renamed when
+/// complete.
 fn restore_raw(ctx: &Ctx, stream: &StreamReader, path: &Path, overwrite: bool) -> Result<u64> {
     if path.exists() && !overwrite {
         bail!("{} exists; pass --overwrite to replace it", path.display());
     }
     let tmp = temp_name(path);
     let result = (|| {
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(&tmp)?;
-        f.set_len(stream.len())?;
-        let target = FileDev::from_file(f, true)?;
-        let progress = Arc::new(archive::progress::Progress::default());
-        let _bar = crate::progress::Bar::start(progress.clone(), "export", ctx.quiet);
-        archive::restore::restore(stream.store(), stream.map(), &target, RestoreOptions::default(), &progress)?;
+        let target = crate::commands::sized_file(&tmp, stream.len())?;
+        let opts = RestoreOptions::default();
+        crate::commands::restore_with_bar(ctx, stream.store(), stream.map(), &target, opts, "export")?;
         target.flush()?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
     })();

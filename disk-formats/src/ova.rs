@@ -97,7 +97,6 @@ pub fn descriptor(vm: &OvfVm) -> String {
     }
     s += "  </DiskSection>\n  <NetworkSection>\n    <Info>Networks</Info>\n";
     let mut nets: Vec<&String> = vm.nics.iter().collect();
-    nets.dedup();
     nets.sort();
     nets.dedup();
     for n in &nets {

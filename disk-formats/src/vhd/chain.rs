@@ -39,8 +39,10 @@ pub fn open_chain(path: &Path, parents: &[PathBuf]) -> Result<Vhd> {
         if layers.len() >= MAX_DEPTH {
             return Err(Error::Unsupported(format!("a VHD chain deeper than {MAX_DEPTH} at {}", child_path.display())));
         }
-        let found = find_explicit(&mut explicit, want)?
-            .map_or_else(|| find_by_hints(child_path, child, want), |l| Ok(Some(l)))?;
+        let found = match find_explicit(&mut explicit, want)? {
+            Some(l) => Some(l),
+            None => find_by_hints(child_path, child, want)?,
+        };
         let Some((p, layer)) = found else {
             return Err(Error::Usage(format!(
                 "{} is a differencing VHD; its parent (unique id {}, locators {:?}) was not found — pass it with --parent",
@@ -54,11 +56,12 @@ pub fn open_chain(path: &Path, parents: &[PathBuf]) -> Result<Vhd> {
         }
         layers.push((p, layer));
     }
-    let mut vhd: Option<Arc<Vhd>> = None;
+    let (_, child) = layers.remove(0);
+    let mut parent: Option<Arc<Vhd>> = None;
     while let Some((_, layer)) = layers.pop() {
-        vhd = Some(Arc::new(Vhd::new(layer, vhd)?));
+        parent = Some(Arc::new(Vhd::new(layer, parent)?));
     }
-    Ok(Arc::into_inner(vhd.expect("at least the child")).expect("no other owner yet"))
+    Vhd::new(child, parent)
 }
 
 fn find_explicit(explicit: &mut [(PathBuf, Option<Layer>)], want: [u8; 16]) -> Result<Option<(PathBuf, Layer)>> {

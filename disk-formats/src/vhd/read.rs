@@ -277,27 +277,21 @@ impl BlockDev for Vhd {
         let max = max_len.min(self.len() - offset).max(1);
         let Some(s) = &self.layer.sparse else { return self.layer.file.allocation(offset, max) };
         let bs = u64::from(s.header.block_size);
-        let kind_at = |bi: usize| if s.bat[bi] == u32::MAX { None } else { Some(Allocation::Data) };
-        let first = (offset / bs) as usize;
-        let Some(kind) = kind_at(first) else {
-            // Absent block: zeros, or whatever the parent has, up to this block's end.
-            let end = ((first as u64 + 1) * bs).min(offset + max);
-            return match &self.parent {
-                Some(p) => p.allocation(offset, end - offset),
-                None => {
-                    let mut e = end;
-                    while e < offset + max && kind_at((e / bs) as usize).is_none() {
-                        e = (e + bs).min(offset + max);
-                    }
-                    Ok(Run { kind: Allocation::Zero, len: e - offset })
-                }
-            };
-        };
-        let mut end = ((first as u64 + 1) * bs).min(offset + max);
-        while end < offset + max && kind_at((end / bs) as usize) == Some(kind) {
-            end = (end + bs).min(offset + max);
+        let present = |pos: u64| s.bat[(pos / bs) as usize] != u32::MAX;
+        let block_end = |pos: u64| ((pos / bs + 1) * bs).min(offset + max);
+        let here = present(offset);
+        if !here {
+            // An absent block of a differencing disk is whatever the parent has there.
+            if let Some(p) = &self.parent {
+                return p.allocation(offset, block_end(offset) - offset);
+            }
         }
-        Ok(Run { kind, len: end - offset })
+        // Extend over following blocks in the same state.
+        let mut end = block_end(offset);
+        while end < offset + max && present(end) == here {
+            end = block_end(end);
+        }
+        Ok(Run { kind: if here { Allocation::Data } else { Allocation::Zero }, len: end - offset })
     }
 
     fn will_need(&self, offset: u64, len: u64) {

@@ -29,6 +29,22 @@ pub struct Packaged {
 
 const NULL: &str = "OpaqueRef:NULL";
 
+impl Packaged {
+    /// Keep what an OVF package can carry: the disks (no memory state), in user-device order.
+    pub fn keep_ovf_disks(&mut self) {
+        let ova = &self.ova;
+        let suspend = ova.vm().ok().and_then(|v| v.snapshot["suspend_VDI"].as_str());
+        self.vdis.retain(|(id, _)| Some(id.as_str()) != suspend);
+        let order = |id: &str| {
+            ova.of_class("VBD")
+                .find(|b| b.snapshot["VDI"].as_str() == Some(id))
+                .and_then(|b| int_field(&b.snapshot, "userdevice"))
+                .unwrap_or(u64::MAX)
+        };
+        self.vdis.sort_by_key(|(id, _)| order(id));
+    }
+}
+
 fn uuid() -> String {
     let u = crate::vhd::footer::random_uuid();
     let h = hex::encode(u);

@@ -68,7 +68,9 @@ struct Cursor {
 struct Pending {
     name: String,
     xxh64: u64,
-    sha1: String,
+    /// Where the chunk's bytes are in the file, for a legacy SHA-1 checksum member.
+    data_at: u64,
+    len: u64,
 }
 
 fn corrupt(at: u64, detail: impl Into<String>) -> Error {
@@ -165,7 +167,7 @@ impl Xva {
                 }
                 let mut text = String::new();
                 entry.read_to_string(&mut text).map_err(|e| corrupt(at, e.to_string()))?;
-                let want = if suffix == "xxhash" { format!("{:016X}", p.xxh64) } else { p.sha1.clone() };
+                let want = if suffix == "xxhash" { format!("{:016X}", p.xxh64) } else { sha1_of(&*file, &p)? };
                 if !text.trim().eq_ignore_ascii_case(&want) {
                     return Err(corrupt(at, format!("chunk {} checksum {}, computed {want}", p.name, text.trim())));
                 }
@@ -202,9 +204,8 @@ fn read_chunk(
         None => counter,
     };
     c.last = Some(counter);
-    let len = {
+    let (n, xxh64) = {
         let mut xx = Xxh64::new(0);
-        let mut sha = sha1_smol::Sha1::new();
         let mut buf = vec![0u8; 256 << 10];
         let mut len = 0u64;
         loop {
@@ -213,12 +214,10 @@ fn read_chunk(
                 break;
             }
             xx.update(&buf[..n]);
-            sha.update(&buf[..n]);
             len += n as u64;
         }
-        (len, xx.digest(), sha.digest().to_string())
+        (len, xx.digest())
     };
-    let (n, xxh64, sha1) = len;
     if skipped > 0 {
         let unit = c.first_len.ok_or_else(|| corrupt(at, format!("chunk {name} skips chunks before any was sent")))?;
         c.offset = skipped
@@ -235,7 +234,22 @@ fn read_chunk(
         c.extents.push((c.offset, data_at, n));
         c.offset = end;
     }
-    Ok(Pending { name: name.into(), xxh64, sha1 })
+    Ok(Pending { name: name.into(), xxh64, data_at, len: n })
+}
+
+/// SHA-1 of a chunk already passed, read again from the file: only legacy packages (before
+/// XXH64 members) need it, so the common path hashes once.
+fn sha1_of(file: &dyn BlockDev, p: &Pending) -> Result<String> {
+    let mut sha = sha1_smol::Sha1::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut done = 0;
+    while done < p.len {
+        let n = (p.len - done).min(buf.len() as u64) as usize;
+        file.read_at(p.data_at + done, &mut buf[..n]).map_err(|e| Error::io(format!("reading {}", p.name), e))?;
+        sha.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(sha.digest().to_string())
 }
 
 fn finish(c: Cursor, file: &Arc<dyn BlockDev>, done: &mut BTreeMap<String, XvaDisk>) -> Result<()> {
@@ -307,5 +321,36 @@ impl BlockDev for XvaDisk {
                 Run { kind: Allocation::Zero, len: (next - offset).min(max) }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tarball::{write_end, write_member};
+    use crate::xva::objects::{package, StreamSpec};
+
+    /// A package with legacy SHA-1 `.checksum` members (before XXH64) for a 3000-byte VDI.
+    fn legacy(data: &[u8], checksum: &str) -> Vec<u8> {
+        let specs = [StreamSpec { name: "xvda".into(), size: data.len() as u64, memory: false }];
+        let p = package("vm", None, &specs);
+        let id = &p.vdis[0].0;
+        let mut out = Vec::new();
+        write_member(&mut out, "ova.xml", p.ova.to_xml().as_bytes(), 0).unwrap();
+        write_member(&mut out, &format!("{id}/00000000"), data, 0).unwrap();
+        write_member(&mut out, &format!("{id}/00000000.checksum"), checksum.as_bytes(), 0).unwrap();
+        write_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn legacy_sha1_checksums_are_verified() {
+        let data = vec![7u8; 3000];
+        let good = sha1_smol::Sha1::from(&data).digest().to_string();
+        let x = Xva::open(Arc::new(blockdev::MemDev::new(legacy(&data, &good)))).unwrap();
+        assert_eq!(blockdev::read_all(x.disks.values().next().unwrap()).unwrap(), data);
+        let bad = "0".repeat(40);
+        let e = Xva::open(Arc::new(blockdev::MemDev::new(legacy(&data, &bad)))).unwrap_err().to_string();
+        assert!(e.contains("checksum") && e.contains(&good), "{e}");
     }
 }
