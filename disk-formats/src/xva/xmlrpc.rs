@@ -34,11 +34,26 @@ pub fn write_value(v: &Value, out: &mut String) {
 /// Append `v`, integers as `<i4>` when `i4` (what XAPI writes and expects for OCaml `int`
 /// fields, like ova.xml's version record) or as bare strings otherwise.
 pub fn write_value_as(v: &Value, out: &mut String, i4: bool) {
+    write_styled(v, out, &Style { i4, datetime: &|_| false }, "");
+}
+
+/// How [`write_styled`] writes what JSON cannot say.
+#[allow(missing_debug_implementations)] // holds a closure
+pub struct Style<'a> {
+    /// Integers as `<i4>` rather than bare strings.
+    pub i4: bool,
+    /// Whether the string under this struct member name is a datetime (written as
+    /// `<dateTime.iso8601>`, as XAPI does for `snapshot_time` and the like).
+    pub datetime: &'a dyn Fn(&str) -> bool,
+}
+
+/// Append `v` as an XML-RPC `<value>`; `key` is the struct member name it sits under.
+pub fn write_styled(v: &Value, out: &mut String, style: &Style<'_>, key: &str) {
     out.push_str("<value>");
     match v {
         Value::Null => {}
         Value::Bool(b) => out.push_str(if *b { "<boolean>1</boolean>" } else { "<boolean>0</boolean>" }),
-        Value::Number(n) if (n.is_i64() || n.is_u64()) && i4 => {
+        Value::Number(n) if (n.is_i64() || n.is_u64()) && style.i4 => {
             out.push_str("<i4>");
             out.push_str(&n.to_string());
             out.push_str("</i4>");
@@ -49,10 +64,15 @@ pub fn write_value_as(v: &Value, out: &mut String, i4: bool) {
             out.push_str(&n.to_string());
             out.push_str("</double>");
         }
+        Value::String(s) if !key.is_empty() && (style.datetime)(key) => {
+            out.push_str("<dateTime.iso8601>");
+            escape(s, out);
+            out.push_str("</dateTime.iso8601>");
+        }
         Value::String(s) => escape(s, out),
         Value::Array(a) => {
             out.push_str("<array><data>");
-            a.iter().for_each(|x| write_value_as(x, out, i4));
+            a.iter().for_each(|x| write_styled(x, out, style, ""));
             out.push_str("</data></array>");
         }
         Value::Object(m) => {
@@ -61,7 +81,7 @@ pub fn write_value_as(v: &Value, out: &mut String, i4: bool) {
                 out.push_str("<member><name>");
                 escape(k, out);
                 out.push_str("</name>");
-                write_value_as(x, out, i4);
+                write_styled(x, out, style, k);
                 out.push_str("</member>");
             }
             out.push_str("</struct>");

@@ -1,0 +1,1 @@
+//! vmvault capture (in progress).
