@@ -272,6 +272,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => crate::serve::run(&ctx, a),
         Command::Overlay(c) => crate::overlay::run(&ctx, c),
         Command::BenchStages(a) => crate::stages::run(a, ctx.json),
+        Command::Xapi(c) => crate::xapi::run(&ctx, c),
     }
 }
 

@@ -14,6 +14,7 @@ mod prune;
 mod restore_files;
 mod serve;
 mod stages;
+mod xapi;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,9 @@ pub enum Command {
     /// List, commit (as a new snapshot) or discard the overlays of `serve --writable`.
     #[command(subcommand)]
     Overlay(overlay::OverlayCommand),
+    /// Back up VMs from a XenServer / XCP-ng pool, or restore one to a pool.
+    #[command(subcommand)]
+    Xapi(xapi::XapiCommand),
     /// Measure each backup pipeline stage alone (chunk, hash, compress, encrypt).
     BenchStages(stages::StagesArgs),
 }
