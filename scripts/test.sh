@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/packages.sh
+PYTHONPATH=$(scripts/python-deps.sh)
+export PYTHONPATH
 cargo test --workspace --locked

@@ -112,8 +112,11 @@ impl BlockDev for HttpRawDisk {
             let n = ((offset - o.pos) as usize).min(skip.len());
             self.fill(o, &mut skip[..n])?;
         }
-        let r = self.fill(o, buf);
+        let mut r = self.fill(o, buf);
         let done = r.is_ok() && o.pos == self.size;
+        if done {
+            r = self.expect_end(o);
+        }
         if r.is_err() || done {
             // Finished (or broken): the transfer's slot goes to the next export now.
             if let Some(o) = guard.take() {
@@ -125,6 +128,25 @@ impl BlockDev for HttpRawDisk {
 }
 
 impl HttpRawDisk {
+    /// After the last byte the pool closes the connection: wait for that (so the export is
+    /// over on its side too before the next one starts), and refuse a longer export.
+    fn expect_end(&self, o: &mut Open) -> io::Result<()> {
+        let mut one = [0u8; 1];
+        loop {
+            match o.body.read(&mut one) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the export of VDI {} is longer than its {} bytes", self.vdi, self.size),
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Close the stream and forget its task (the pool finishes it).
     fn finish(&self, o: Open) {
         drop(o.body);

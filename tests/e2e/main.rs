@@ -10,3 +10,4 @@ mod mount;
 mod nbd;
 mod prune;
 mod util;
+mod xapi;

@@ -161,12 +161,30 @@ impl Client {
         match e {
             ureq::Error::Status(code, resp) => Error::protocol(what, format!("HTTP {code} {}", resp.status_text())),
             ureq::Error::Transport(t) => {
+                // The cause (a rustls error, an OS error) is in the source chain.
+                let mut causes = Vec::new();
+                let mut src = std::error::Error::source(&t);
+                while let Some(e) = src {
+                    causes.push(e.to_string());
+                    src = e.source();
+                }
+                let cause = causes.last().cloned().unwrap_or_default();
                 let detail = match t.kind() {
                     ureq::ErrorKind::Dns => "the host name does not resolve".to_string(),
-                    ureq::ErrorKind::ConnectionFailed => {
-                        format!("connection failed ({})", t.message().unwrap_or("refused or unreachable"))
+                    _ if t.message().is_some_and(|m| m.contains("tls")) || cause.contains("certificate") => {
+                        tls_hint(&cause)
                     }
-                    _ => tls_hint(&t.to_string()),
+                    ureq::ErrorKind::ConnectionFailed => {
+                        format!(
+                            "connection failed ({})",
+                            if cause.is_empty() {
+                                t.message().unwrap_or("refused or unreachable").to_string()
+                            } else {
+                                cause
+                            }
+                        )
+                    }
+                    _ => t.to_string(),
                 };
                 Error::Connect { host, detail }
             }
@@ -310,11 +328,6 @@ fn transient(e: &ureq::Error) -> bool {
 }
 
 /// A readable reason for a TLS failure, with what to do about it.
-fn tls_hint(text: &str) -> String {
-    if text.contains("certificate") || text.contains("Certificate") || text.contains("pinned") {
-        let why = text.rsplit(": ").next().unwrap_or(text);
-        format!("TLS: {why} (pin the host's certificate with --fingerprint or --cert, or pass --insecure)")
-    } else {
-        text.to_string()
-    }
+fn tls_hint(cause: &str) -> String {
+    format!("TLS: {cause} (XAPI hosts use self-signed certificates: pin the host's with --fingerprint or --cert, or pass --insecure)")
 }

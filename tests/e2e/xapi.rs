@@ -1,0 +1,324 @@
+//! `vmvault xapi …` against the XAPI simulator (in this process, on a loopback port), with
+//! the simulator's own state as the oracle; and the simulator against the official Python
+//! XenAPI client.
+
+use std::sync::Arc;
+
+use blockdev::BlockDev;
+use serde_json::Value;
+use xapi_sim::{Config, Sim};
+
+use crate::util::{text, Env};
+
+/// Four VMs: web (running, 2 disks, NIC), db (suspended), mail (halted), test (not prod).
+const SCENARIO: &str = r#"
+[[network]]
+name = "lan"
+[[vm]]
+name = "web"
+tags = ["prod"]
+power_state = "Running"
+memory_image = "6MiB"
+seed = 1
+[[vm.disk]]
+size = "12MiB"
+data = 0.4
+[[vm.disk]]
+size = "4MiB"
+data = 0.6
+[[vm.vif]]
+network = "lan"
+[[vm]]
+name = "db"
+tags = ["prod"]
+power_state = "Suspended"
+memory_image = "4MiB"
+seed = 2
+[[vm.disk]]
+size = "8MiB"
+[[vm]]
+name = "mail"
+tags = ["prod"]
+seed = 3
+[[vm.disk]]
+size = "6MiB"
+data = 0.3
+[[vm]]
+name = "test"
+tags = ["test"]
+seed = 4
+[[vm.disk]]
+size = "2MiB"
+"#;
+
+struct Pool {
+    sim: Arc<Sim>,
+    url: String,
+    env: Env,
+}
+
+impl Pool {
+    fn start(scenario: &str, config: impl FnOnce(&mut Config)) -> Pool {
+        let env = Env::new();
+        let data = env.path("sim");
+        std::fs::create_dir_all(&data).unwrap();
+        let mut cfg = Config { data_dir: data.clone(), ..Config::default() };
+        config(&mut cfg);
+        let state = xapi_sim::scenario::from_str(scenario, &data, &data).unwrap();
+        let (sim, addr) = Sim::spawn(cfg, state, "127.0.0.1:0").unwrap();
+        env.init(&[]);
+        Pool { sim, url: format!("http://{addr}"), env }
+    }
+
+    /// `vmvault xapi SUB --host URL ARGS…` with the pool password set.
+    fn xapi(&self, sub: &str, args: &[&str]) -> std::process::Output {
+        let mut c = self.env.cmd();
+        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["xapi", sub, "--host", &self.url]).args(args);
+        c.output().unwrap()
+    }
+
+    fn ok(&self, sub: &str, args: &[&str]) -> std::process::Output {
+        let out = self.xapi(sub, args);
+        assert!(out.status.success(), "xapi {sub} {args:?}:\n{}", text(&out));
+        out
+    }
+
+    fn vm(&self, name: &str) -> String {
+        xapi_sim::hooks::find_vm(&self.sim.state(), name).unwrap_or_else(|| panic!("no VM {name}"))
+    }
+
+    /// The bytes of each disk of a VM, by user device.
+    fn disks(&self, name: &str) -> Vec<(String, Vec<u8>)> {
+        let vm = self.vm(name);
+        let st = self.sim.state();
+        let mut out: Vec<(String, Vec<u8>)> = st
+            .db
+            .refs(&vm, "VBDs")
+            .iter()
+            .map(|vbd| {
+                let uuid = st.db.str(&st.db.str(vbd, "VDI"), "uuid");
+                (st.db.str(vbd, "userdevice"), read_all(&st.disks[&uuid]))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A running or suspended VM's memory image.
+    fn memory(&self, name: &str) -> Vec<u8> {
+        let vm = self.vm(name);
+        let st = self.sim.state();
+        let suspend = st.db.str(&vm, "suspend_VDI");
+        let key = if suspend.starts_with("OpaqueRef:") && suspend != "OpaqueRef:NULL" {
+            st.db.str(&suspend, "uuid")
+        } else {
+            format!("mem:{}", st.db.str(&vm, "uuid"))
+        };
+        read_all(&st.disks[&key])
+    }
+
+    fn count(&self, class: &str, pred: impl Fn(&serde_json::Map<String, Value>) -> bool) -> usize {
+        self.sim.state().db.all(class).filter(|(_, r)| pred(r)).count()
+    }
+
+    fn snapshots_on_pool(&self) -> usize {
+        self.count("VM", |r| r.get("is_a_snapshot") == Some(&Value::Bool(true)))
+    }
+
+    fn field(&self, r: &str, f: &str) -> String {
+        self.sim.state().db.str(r, f)
+    }
+}
+
+fn read_all(d: &dyn BlockDev) -> Vec<u8> {
+    let mut b = vec![0u8; d.len() as usize];
+    d.read_at(0, &mut b).unwrap();
+    b
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn xapi_backup_by_tag_then_restore_identical_with_memory() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    let vdis_before = pool.count("VDI", |_| true);
+    let out = pool.ok("backup", &["--tag", "prod", "--memory", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vms = report["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3, "{report}");
+    assert!(vms.iter().all(|v| v["status"] == "success"), "{report}");
+    let mem = |n: &str| vms.iter().find(|v| v["vm"] == n).unwrap()["memory"].clone();
+    assert_eq!((mem("web"), mem("db"), mem("mail")), (Value::Bool(true), Value::Bool(true), Value::Bool(false)));
+    // Cleanup: no snapshot VM and no snapshot disk or memory image left on the pool.
+    assert_eq!(pool.snapshots_on_pool(), 0);
+    assert_eq!(pool.count("VDI", |_| true), vdis_before);
+    let log = stderr(&out);
+    assert!(log.contains("web [snapshot] info: checkpoint taken"), "{log}");
+    assert!(log.contains("mail [snapshot] info: the VM is halted"), "{log}");
+    assert!(!log.contains("test"), "the test VM is not tagged prod: {log}");
+
+    // Memory streams hold the memory images; disks restore byte-identical to new VMs.
+    let mem_web = pool.env.cmd().args(["cat", "web@latest:memory"]).output().unwrap();
+    assert!(mem_web.status.success());
+    assert_eq!(mem_web.stdout, pool.memory("web"));
+    let mem_db = pool.env.cmd().args(["cat", "db@latest:memory"]).output().unwrap();
+    assert_eq!(mem_db.stdout, pool.memory("db"));
+
+    pool.ok("restore", &["web@latest", "--name", "web-r", "--suspended", "--start", "--sr", "Local storage"]);
+    pool.ok("restore", &["db@latest", "--name", "db-r", "--suspended"]);
+    pool.ok("restore", &["mail@latest", "--name", "mail-r"]);
+    for (src, dst) in [("web", "web-r"), ("db", "db-r"), ("mail", "mail-r")] {
+        assert_eq!(pool.disks(src), pool.disks(dst), "{dst}'s disks differ from {src}'s");
+    }
+    let web_r = pool.vm("web-r");
+    assert_eq!(pool.field(&web_r, "power_state"), "Running", "resumed from its memory");
+    assert_eq!(pool.memory("web-r"), pool.memory("web"));
+    let db_r = pool.vm("db-r");
+    assert_eq!(pool.field(&db_r, "power_state"), "Suspended");
+    assert_eq!(pool.memory("db-r"), pool.memory("db"));
+    assert_eq!(pool.field(&pool.vm("mail-r"), "power_state"), "Halted");
+    // The NIC came back on the same network with its MAC; names and tags kept.
+    let st = pool.sim.state();
+    let vifs = st.db.refs(&web_r, "VIFs");
+    assert_eq!(vifs.len(), 1);
+    let src_vif = st.db.refs(&pool_vm(&st, "web"), "VIFs")[0].clone();
+    assert_eq!(st.db.str(&vifs[0], "MAC"), st.db.str(&src_vif, "MAC"));
+    assert_eq!(st.db.str(&st.db.str(&vifs[0], "network"), "name_label"), "lan");
+    drop(st);
+    // The VM was created suspended by VM.create (not started and suspended afterwards).
+    let calls = pool.sim.stats.calls.lock().unwrap().clone();
+    assert!(calls.get("VM.create").copied().unwrap_or(0) >= 3);
+    assert_eq!(calls.get("VM.suspend"), None);
+
+    // XML-RPC speaks to the same pool.
+    let out = pool.ok("vms", &["--xml-rpc", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|v| v["name"] == "web-r" && v["power_state"] == "Running"));
+    pool.env.ok(&["check", "--read-data"]);
+}
+
+fn pool_vm(st: &xapi_sim::State, name: &str) -> String {
+    xapi_sim::hooks::find_vm(st, name).unwrap()
+}
+
+#[test]
+fn xapi_checkpoint_failure_falls_back_to_a_disk_snapshot() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    pool.sim.hooks.lock().unwrap().fail(
+        "checkpoint",
+        Some("web".into()),
+        1,
+        xapi_sim::Fault::new("VM_CHECKPOINT_SUSPEND_FAILED", ["x"]),
+    );
+    let out = pool.ok("backup", &["--vm", "web", "--memory"]);
+    let log = stderr(&out);
+    assert!(
+        log.contains("checkpoint failed")
+            && log.contains("VM_CHECKPOINT_SUSPEND_FAILED")
+            && log.contains("disk-only snapshot"),
+        "{log}"
+    );
+    let snaps = pool.env.json(&["snapshots"]);
+    let streams: Vec<&str> =
+        snaps[0]["streams"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(streams, ["xvda", "xvdb"], "no memory stream after the fallback");
+    let xvda = pool.env.cmd().args(["cat", "web@latest:xvda"]).output().unwrap().stdout;
+    assert_eq!(xvda, pool.disks("web")[0].1);
+    assert_eq!(pool.snapshots_on_pool(), 0);
+}
+
+#[test]
+fn xapi_dropped_export_fails_that_vm_only_and_cleans_up() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    let vdis_before = pool.count("VDI", |_| true);
+    let uuid = {
+        let st = pool.sim.state();
+        let vm = pool_vm(&st, "mail");
+        let vbd = st.db.refs(&vm, "VBDs")[0].clone();
+        st.db.str(&st.db.str(&vbd, "VDI"), "uuid")
+    };
+    pool.sim.hooks.lock().unwrap().drop_export(uuid, 1 << 20);
+    let out = pool.xapi("backup", &["--tag", "prod", "--json"]);
+    assert!(!out.status.success(), "one VM failed: the run fails");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = |n: &str| report["vms"].as_array().unwrap().iter().find(|v| v["vm"] == n).unwrap().clone();
+    assert_eq!(status("mail")["status"], "failure");
+    assert!(status("mail")["error"].as_str().unwrap().contains("ended after"), "{report}");
+    assert_eq!(status("web")["status"], "success");
+    assert_eq!(status("db")["status"], "success");
+    assert!(stderr(&out).contains("1 of 3 VM(s) failed"));
+    assert_eq!(pool.snapshots_on_pool(), 0, "the failed VM's snapshot is cleaned up too");
+    assert_eq!(pool.count("VDI", |_| true), vdis_before);
+    let snaps = pool.env.json(&["snapshots"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    pool.env.ok(&["check"]);
+}
+
+#[test]
+fn xapi_concurrency_limits_are_observed() {
+    let scenario = (0..6)
+        .map(|i| format!("[[vm]]\nname = \"vm{i}\"\nseed = {i}\n[[vm.disk]]\nsize = \"2MiB\"\n"))
+        .collect::<String>();
+    let pool = Pool::start(&scenario, |c| c.snapshot_delay = std::time::Duration::from_millis(300));
+    pool.sim.hooks.lock().unwrap().set_delay(std::time::Duration::from_millis(100));
+    pool.ok("backup", &["--all", "--snapshots-at-once", "2", "--vms-at-once", "3", "--exports-at-once", "2"]);
+    let s = &pool.sim.stats;
+    let snaps = s.snapshots_peak.load(std::sync::atomic::Ordering::SeqCst);
+    let exports = s.exports_peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(snaps, 2, "6 snapshots of 300 ms, two at a time");
+    assert_eq!(exports, 2, "3 VMs at once, but 2 exports at a time");
+
+    let pool = Pool::start(&scenario, |c| c.snapshot_delay = std::time::Duration::from_millis(100));
+    pool.ok("backup", &["--all", "--snapshots-at-once", "1", "--exports-at-once", "1", "--vms-at-once", "4"]);
+    assert_eq!(pool.sim.stats.snapshots_peak.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(pool.sim.stats.exports_peak.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(pool.env.json(&["snapshots"]).as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn xapi_connection_errors_are_one_clear_line() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    let one_line = |o: &std::process::Output, want: &str| {
+        assert!(!o.status.success());
+        let e = stderr(o);
+        assert!(e.contains(want), "{e}");
+        assert!(e.lines().filter(|l| !l.starts_with("hint:")).count() == 1, "one line: {e}");
+    };
+    let mut c = pool.env.cmd();
+    let wrong = c.env("VMVAULT_XAPI_PASSWORD", "nope").args(["xapi", "vms", "--host", &pool.url]).output().unwrap();
+    one_line(&wrong, "SESSION_AUTHENTICATION_FAILED");
+    let https = pool.url.replace("http://", "https://");
+    let pinned = pool.xapi_at(&https, &["--fingerprint", &"ab".repeat(32)]);
+    one_line(&pinned, "not the pinned one");
+    let roots = pool.xapi_at(&https, &[]);
+    one_line(&roots, "cannot reach");
+    // The right pin works.
+    let pem = xapi_sim::tls::certificate_pem(&pool.env.path("sim")).unwrap();
+    std::fs::write(pool.env.path("host.pem"), pem).unwrap();
+    let ok = pool.xapi_at(&https, &["--cert", pool.env.path("host.pem").to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let gone = pool.xapi_at(&format!("http://{closed}"), &[]);
+    one_line(&gone, "cannot reach");
+}
+
+impl Pool {
+    fn xapi_at(&self, url: &str, extra: &[&str]) -> std::process::Output {
+        let mut c = self.env.cmd();
+        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["xapi", "vms", "--host", url]).args(extra);
+        c.output().unwrap()
+    }
+}
+
+/// The simulator as the official Python client sees it (`pip install XenAPI`).
+#[test]
+fn xapi_sim_fidelity_with_the_python_xenapi_client() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/xapi_fidelity.py");
+    let out = std::process::Command::new("python3").arg(script).arg(&pool.url).output().expect("python3");
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.trim_end().ends_with("fidelity: all checks passed"), "{said}");
+}
