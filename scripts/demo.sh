@@ -53,3 +53,64 @@ vmvault export web01@latest --format xva -o demo/web01.xva --overwrite
 vmvault import demo/web01.xva --vm web01-from-xva
 vmvault restore web01-from-xva@latest:xvda --target demo/restored-xva.raw --overwrite
 cmp demo/restored-xva.raw demo/day1.img && echo "the XVA round trip is byte-identical"
+
+echo "== capture from a XenServer / XCP-ng pool: the XAPI simulator (fixtures/xapi-sim)"
+# web01 runs with the day-1 disk and 32 MiB of memory; db01 is suspended; mail01 is halted;
+# scratch is tagged no-backup.
+cat > demo/pool.toml <<'TOML'
+[pool]
+name = "demo pool"
+[[network]]
+name = "Pool-wide network associated with eth0"
+[[vm]]
+name = "web01"
+tags = ["prod"]
+power_state = "Running"
+memory_image = "32MiB"
+vcpus = 2
+seed = 1
+[[vm.disk]]
+image = "day1.img"
+[[vm.vif]]
+network = "Pool-wide network associated with eth0"
+[[vm]]
+name = "db01"
+tags = ["prod"]
+power_state = "Suspended"
+memory_image = "16MiB"
+seed = 2
+[[vm.disk]]
+size = "64MiB"
+data = 0.3
+[[vm]]
+name = "mail01"
+tags = ["prod"]
+seed = 3
+[[vm.disk]]
+size = "32MiB"
+data = 0.2
+[[vm]]
+name = "scratch"
+tags = ["prod", "no-backup"]
+power_state = "Running"
+seed = 4
+[[vm.disk]]
+size = "16MiB"
+TOML
+target/release/xapi-sim --listen 127.0.0.1:0 --scenario demo/pool.toml --data-dir demo/sim >demo/sim.log 2>&1 &
+sim=$!
+trap 'kill $sim 2>/dev/null || true' EXIT
+for _ in $(seq 50); do grep -q listening demo/sim.log && break; sleep 0.1; done
+cat demo/sim.log
+host=$(grep -o 'https://[0-9.:]*' demo/sim.log)
+pin=$(grep -o 'sha256:[0-9a-f]*' demo/sim.log)
+export VMVAULT_XAPI_HOST=$host VMVAULT_XAPI_PASSWORD=password
+vmvault xapi vms --fingerprint "$pin"
+echo "== vmvault xapi backup --tag prod --exclude-tag no-backup --memory"
+vmvault xapi backup --fingerprint "$pin" --tag prod --exclude-tag no-backup --memory
+vmvault snapshots
+echo "== files inside web01's disk, as captured from the pool"
+vmvault ls web01@latest:/xvda/p1/ | head
+echo "== restore web01 to the pool as a new VM, suspended with its memory, and resume it"
+vmvault xapi restore web01@latest --fingerprint "$pin" --name web01-restored --suspended --start
+vmvault xapi vms --fingerprint "$pin"
