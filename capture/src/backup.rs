@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::run::Limits;
 use crate::source::HttpRawDisk;
-use crate::xapi::records::{flag, int, is_null, list, s, Bundle};
+use crate::xapi::records::{flag, is_null, list, s, Bundle};
 use crate::xapi::Client;
+use disk_formats::xva::int_field;
 
 /// How to back up.
 #[derive(Clone, Debug, Default)]
@@ -58,6 +59,23 @@ pub struct VmResult {
     pub seconds: f64,
 }
 
+impl VmResult {
+    /// A result that is a failure until the backup says otherwise.
+    pub fn failed(vm: String, uuid: String, error: Option<String>) -> VmResult {
+        VmResult {
+            vm,
+            uuid,
+            status: Status::Failure,
+            error,
+            snapshot: None,
+            memory: false,
+            bytes_read: 0,
+            bytes_stored: 0,
+            seconds: 0.0,
+        }
+    }
+}
+
 /// A line of the run log.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LogLine {
@@ -86,7 +104,6 @@ pub fn disk_stream_name(userdevice: &str) -> String {
 /// A VM whose snapshot is taken (or failed), waiting for its transfer.
 #[derive(Debug)]
 pub struct Pending {
-    vm: String,
     rec: Result<Value>,
     snap: Option<Snap>,
     result: VmResult,
@@ -101,18 +118,8 @@ pub fn prepare(client: &Client, vm: &str, opts: &Options, limits: &Limits, log: 
         |_| (vm.to_string(), String::new()),
         |r| (s(r, "name_label").to_string(), s(r, "uuid").to_string()),
     );
-    let result = VmResult {
-        vm: name.clone(),
-        uuid,
-        status: Status::Failure,
-        error: None,
-        snapshot: None,
-        memory: false,
-        bytes_read: 0,
-        bytes_stored: 0,
-        seconds: 0.0,
-    };
-    let mut p = Pending { vm: vm.to_string(), rec, snap: None, result, start };
+    let result = VmResult::failed(name.clone(), uuid, None);
+    let mut p = Pending { rec, snap: None, result, start };
     if opts.cancel.load(Ordering::SeqCst) {
         p.rec = Err(Error::Usage("interrupted before its snapshot".into()));
         return p;
@@ -136,7 +143,7 @@ pub fn complete(
     limits: &Arc<Limits>,
     log: Log<'_>,
 ) -> VmResult {
-    let Pending { rec, snap, mut result, start, .. } = p;
+    let Pending { rec, snap, mut result, start } = p;
     let outcome = rec.and_then(|rec| {
         let snap = snap.ok_or_else(|| Error::Usage("no snapshot".into()))?;
         let transfer = transfer(client, repo, &rec, &snap, opts, limits, log);
@@ -158,26 +165,6 @@ pub fn complete(
     }
     result.seconds = start.elapsed().as_secs_f64();
     result
-}
-
-/// Back up one VM (by ref): [`prepare`] then [`complete`]. Failures come back in the result.
-pub fn backup_vm(
-    client: &Arc<Client>,
-    repo: &Repository,
-    vm: &str,
-    opts: &Options,
-    limits: &Arc<Limits>,
-    log: Log<'_>,
-) -> VmResult {
-    let p = prepare(client, vm, opts, limits, log);
-    complete(client, repo, p, opts, limits, log)
-}
-
-impl Pending {
-    /// The VM's ref.
-    pub fn vm_ref(&self) -> &str {
-        &self.vm
-    }
 }
 
 /// A snapshot that must be cleaned up.
@@ -254,40 +241,24 @@ fn transfer(
     vm_copy["name_label"] = json!(name);
     vm_copy["name_description"] = vm_rec.get("name_description").cloned().unwrap_or(json!(""));
     bundle.add("VM", &snap.r#ref, vm_copy);
-    let received = Arc::new(AtomicU64::new(0));
-    let mut sources = Vec::new();
-    let mut streams = Vec::new();
+    let mut g =
+        Gather { client, opts, limits, received: Arc::default(), bundle, sources: Vec::new(), streams: Vec::new() };
     for vbd in list(&snap_rec, "VBDs") {
         let vbd_rec = client.call("VBD.get_record", &[json!(vbd)])?;
         let vdi = s(&vbd_rec, "VDI").to_string();
         if s(&vbd_rec, "type") != "Disk" || flag(&vbd_rec, "empty") || is_null(&vdi) {
             continue;
         }
-        let vdi_rec = client.call("VDI.get_record", &[json!(vdi)])?;
-        add_sr(client, &mut bundle, &vdi_rec);
-        let size = int(&vdi_rec, "virtual_size").and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
         let stream = disk_stream_name(s(&vbd_rec, "userdevice"));
-        bundle.add("VBD", &vbd, vbd_rec);
-        bundle.add("VDI", &vdi, vdi_rec);
-        streams.push((vdi.clone(), stream.clone()));
-        let dev = HttpRawDisk::new(client.clone(), vdi, size, received.clone())
-            .cancel_on(opts.cancel.clone())
-            .limit(limits.exports.clone());
-        sources.push(Source { name: stream, kind: StreamKind::Disk, dev: Box::new(dev), changed: None });
+        g.bundle.add("VBD", &vbd, vbd_rec);
+        g.add(&vdi, stream, StreamKind::Disk)?;
     }
     let suspend = s(&snap_rec, "suspend_VDI").to_string();
     let memory = snap.checkpoint && !is_null(&suspend);
     if memory {
-        let vdi_rec = client.call("VDI.get_record", &[json!(suspend)])?;
-        add_sr(client, &mut bundle, &vdi_rec);
-        let size = int(&vdi_rec, "virtual_size").and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
-        bundle.add("VDI", &suspend, vdi_rec);
-        streams.push((suspend.clone(), "memory".into()));
-        let dev = HttpRawDisk::new(client.clone(), suspend, size, received.clone())
-            .cancel_on(opts.cancel.clone())
-            .limit(limits.exports.clone());
-        sources.push(Source { name: "memory".into(), kind: StreamKind::Memory, dev: Box::new(dev), changed: None });
+        g.add(&suspend, "memory".into(), StreamKind::Memory)?;
     }
+    let Gather { mut bundle, sources, streams, received, .. } = g;
     for vif in list(&snap_rec, "VIFs") {
         let vif_rec = client.call("VIF.get_record", &[json!(vif)])?;
         let net = s(&vif_rec, "network").to_string();
@@ -321,6 +292,33 @@ fn transfer(
     let entry = archive::backup::backup(repo, sources, &bopts, &progress)?;
     line(log, &name, "commit", "info", format!("snapshot {} saved", entry.id.short()));
     Ok((entry, received.load(Ordering::Relaxed), memory))
+}
+
+/// The streams of a backup being put together: each VDI's record and the source reading it.
+struct Gather<'a> {
+    client: &'a Arc<Client>,
+    opts: &'a Options,
+    limits: &'a Arc<Limits>,
+    received: Arc<AtomicU64>,
+    bundle: Bundle,
+    sources: Vec<Source>,
+    streams: Vec<(String, String)>,
+}
+
+impl Gather<'_> {
+    /// Keep VDI `vdi`'s record (and its SR's) and read it as stream `name`.
+    fn add(&mut self, vdi: &str, name: String, kind: StreamKind) -> Result<()> {
+        let rec = self.client.call("VDI.get_record", &[json!(vdi)])?;
+        add_sr(self.client, &mut self.bundle, &rec);
+        let size = int_field(&rec, "virtual_size").unwrap_or(0);
+        self.bundle.add("VDI", vdi, rec);
+        self.streams.push((vdi.to_string(), name.clone()));
+        let dev = HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.received.clone())
+            .cancel_on(self.opts.cancel.clone())
+            .limit(self.limits.exports.clone());
+        self.sources.push(Source { name, kind, dev: Box::new(dev), changed: None });
+        Ok(())
+    }
 }
 
 fn add_sr(client: &Client, bundle: &mut Bundle, vdi_rec: &Value) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use archive::manifest::SnapshotEntry;
 use archive::reader::RepoReader;
-use blockdev::{Allocation, BlockDev};
+use blockdev::BlockDev;
 use disk_formats::xva::{Object, OvaXml};
 use serde_json::{json, Map, Value};
 
@@ -324,24 +324,20 @@ pub fn upload(client: &Client, vdi: &str, dev: Arc<dyn BlockDev>) -> Result<u64>
     Ok(data)
 }
 
-/// Data extents of a device, split to at most 4 MiB each: (offset, length).
+/// Data extents of a device, in 64 KiB granules (`disk_formats::out::data_granules`), split
+/// to at most 4 MiB each: (offset, length).
 fn data_extents(dev: &dyn BlockDev) -> Result<Vec<(u64, u64)>> {
     const MAX: u64 = 4 << 20;
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < dev.len() {
-        let run = dev.allocation(pos, 1 << 40).map_err(|e| Error::io("reading the snapshot", e))?;
-        if run.kind == Allocation::Data {
-            let mut o = pos;
-            while o < pos + run.len {
-                let l = MAX.min(pos + run.len - o);
-                out.push((o, l));
-                o += l;
-            }
-        }
-        pos += run.len.max(1);
-    }
-    Ok(out)
+    const GRANULE: u64 = 64 << 10;
+    let granules = disk_formats::out::data_granules(dev, GRANULE).map_err(|e| Error::io("reading the snapshot", e))?;
+    let len = dev.len();
+    Ok(granules
+        .into_iter()
+        .flat_map(|r| {
+            let (start, end) = (r.start * GRANULE, (r.end * GRANULE).min(len));
+            (start..end).step_by(MAX as usize).map(move |o| (o, MAX.min(end - o)))
+        })
+        .collect())
 }
 
 /// The `chunked` body: `[offset u64 LE][length u32 LE][bytes]…` and a zero header.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use archive::Repository;
 
-use crate::backup::{self, LogLine, Options, Status, VmResult};
+use crate::backup::{self, LogLine, Options, VmResult};
 use crate::error::Result;
 use crate::select::Selection;
 use crate::xapi::Client;
@@ -84,17 +84,7 @@ pub fn run(
     let picked = sel.pick(client)?;
     let mut report = Report { skipped: picked.skipped, ..Report::default() };
     for m in picked.missing {
-        report.results.push(VmResult {
-            vm: m.clone(),
-            uuid: String::new(),
-            status: Status::Failure,
-            error: Some(format!("no VM named {m:?} on the pool")),
-            snapshot: None,
-            memory: false,
-            bytes_read: 0,
-            bytes_stored: 0,
-            seconds: 0.0,
-        });
+        report.results.push(VmResult::failed(m.clone(), String::new(), Some(format!("no VM named {m:?} on the pool"))));
     }
     let refs: Vec<String> = picked.vms.iter().map(|(r, _)| r.clone()).collect();
     // Phase 1: snapshots, `snapshots` at a time.

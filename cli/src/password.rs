@@ -13,15 +13,21 @@ fn from_file(path: &Path) -> Result<Vec<u8>> {
 
 /// The passphrase of an existing repository.
 pub fn existing(file: Option<&Path>) -> Result<Vec<u8>> {
-    get(file, "VMVAULT_PASSWORD", "repository passphrase: ", false)
+    get(file, "VMVAULT_PASSWORD", "--password-file", "repository passphrase: ", false)
+}
+
+/// A pool's password (`xapi` commands): `--pool-password-file`, VMVAULT_XAPI_PASSWORD, or a prompt.
+pub fn pool(file: Option<&Path>) -> Result<String> {
+    let p = get(file, "VMVAULT_XAPI_PASSWORD", "--pool-password-file", "pool password: ", false)?;
+    String::from_utf8(p).context("the pool password is not UTF-8")
 }
 
 /// A new passphrase (asked twice on a terminal). `env` names the variable to look in.
 pub fn new(file: Option<&Path>, env: &str) -> Result<Vec<u8>> {
-    get(file, env, "new passphrase: ", true)
+    get(file, env, "--password-file", "new passphrase: ", true)
 }
 
-fn get(file: Option<&Path>, env: &str, prompt: &str, confirm: bool) -> Result<Vec<u8>> {
+fn get(file: Option<&Path>, env: &str, flag: &str, prompt: &str, confirm: bool) -> Result<Vec<u8>> {
     if let Some(f) = file {
         return from_file(f);
     }
@@ -29,7 +35,7 @@ fn get(file: Option<&Path>, env: &str, prompt: &str, confirm: bool) -> Result<Ve
         return Ok(p.into_bytes());
     }
     if !std::io::stdin().is_terminal() {
-        bail!("no passphrase: set {env}, pass --password-file, or run on a terminal to be asked");
+        bail!("no passphrase: set {env}, pass {flag}, or run on a terminal to be asked");
     }
     let p = rpassword::prompt_password(prompt).context("reading the passphrase")?;
     if confirm && rpassword::prompt_password("again: ").context("reading the passphrase")? != p {

@@ -1,7 +1,6 @@
 //! `vmvault xapi backup|restore`: VMs of a XenServer / XCP-ng pool in and out of the
 //! repository (the work is in the `capture` crate).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,7 +55,7 @@ pub struct PoolArgs {
 
 impl PoolArgs {
     pub fn connect(&self) -> Result<Arc<Client>> {
-        let password = pool_password(self.pool_password_file.as_deref())?;
+        let password = crate::password::pool(self.pool_password_file.as_deref())?;
         let trust = if self.insecure {
             Trust::Insecure
         } else if let Some(f) = &self.fingerprint {
@@ -77,20 +76,6 @@ impl PoolArgs {
         };
         Ok(Arc::new(Client::connect(conn)?))
     }
-}
-
-fn pool_password(file: Option<&std::path::Path>) -> Result<String> {
-    if let Some(f) = file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        return Ok(text.lines().next().unwrap_or("").to_string());
-    }
-    if let Ok(p) = std::env::var("VMVAULT_XAPI_PASSWORD") {
-        return Ok(p);
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("no pool password: set VMVAULT_XAPI_PASSWORD, pass --pool-password-file, or run on a terminal");
-    }
-    Ok(rpassword::prompt_password("pool password: ").context("reading the pool password")?)
 }
 
 /// Which VMs, as command-line flags.

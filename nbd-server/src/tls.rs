@@ -28,6 +28,11 @@ fn bad(path: &Path, e: impl std::fmt::Display) -> io::Error {
 /// A TLS 1.2/1.3 acceptor for the certificate chain in `cert` and the private key in `key`
 /// (PEM files), without client authentication.
 pub fn acceptor(cert: &Path, key: &Path) -> io::Result<tokio_rustls::TlsAcceptor> {
+    Ok(tokio_rustls::TlsAcceptor::from(server_config(cert, key)?))
+}
+
+/// The rustls server configuration behind [`acceptor`] (for servers that are not tokio's).
+pub fn server_config(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| bad(cert, e))?
         .collect::<Result<_, _>>()
@@ -43,5 +48,5 @@ pub fn acceptor(cert: &Path, key: &Path) -> io::Result<tokio_rustls::TlsAcceptor
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| bad(cert, e))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }

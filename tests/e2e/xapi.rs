@@ -71,18 +71,21 @@ impl Pool {
     }
 
     /// `vmvault xapi SUB --host URL ARGS…` with the pool password set.
-    fn xapi(&self, sub: &str, args: &[&str]) -> std::process::Output {
+    /// `vmvault xapi SUB --host URL ARGS…` with the pool password set.
+    fn run_at(&self, url: &str, sub: &str, args: &[&str]) -> std::process::Output {
         let mut c = self.env.cmd();
-        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["xapi", sub, "--host", &self.url]).args(args);
+        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["xapi", sub, "--host", url]).args(args);
         c.output().unwrap()
+    }
+
+    fn xapi(&self, sub: &str, args: &[&str]) -> std::process::Output {
+        self.run_at(&self.url, sub, args)
     }
 
     /// The same over HTTPS (the simulator's self-signed certificate, not checked).
     fn ok_https(&self, sub: &str, args: &[&str]) -> std::process::Output {
         let https = self.url.replace("http://", "https://");
-        let mut c = self.env.cmd();
-        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["xapi", sub, "--host", &https, "--insecure"]).args(args);
-        let out = c.output().unwrap();
+        let out = self.run_at(&https, sub, &[&["--insecure"], args].concat());
         assert!(out.status.success(), "xapi {sub} {args:?} over HTTPS:\n{}", text(&out));
         out
     }
@@ -118,12 +121,7 @@ impl Pool {
     fn memory(&self, name: &str) -> Vec<u8> {
         let vm = self.vm(name);
         let st = self.sim.state();
-        let suspend = st.db.str(&vm, "suspend_VDI");
-        let key = if suspend.starts_with("OpaqueRef:") && suspend != "OpaqueRef:NULL" {
-            st.db.str(&suspend, "uuid")
-        } else {
-            format!("mem:{}", st.db.str(&vm, "uuid"))
-        };
+        let key = xapi_sim::hooks::memory_of(&st, &vm).unwrap_or_else(|| panic!("{name} has no memory image"));
         read_all(&st.disks[&key])
     }
 
@@ -301,26 +299,18 @@ fn xapi_connection_errors_are_one_clear_line() {
     let wrong = c.env("VMVAULT_XAPI_PASSWORD", "nope").args(["xapi", "vms", "--host", &pool.url]).output().unwrap();
     one_line(&wrong, "SESSION_AUTHENTICATION_FAILED");
     let https = pool.url.replace("http://", "https://");
-    let pinned = pool.xapi_at(&https, &["--fingerprint", &"ab".repeat(32)]);
+    let pinned = pool.run_at(&https, "vms", &["--fingerprint", &"ab".repeat(32)]);
     one_line(&pinned, "not the pinned one");
-    let roots = pool.xapi_at(&https, &[]);
+    let roots = pool.run_at(&https, "vms", &[]);
     one_line(&roots, "cannot reach");
     // The right pin works.
     let pem = xapi_sim::tls::certificate_pem(&pool.env.path("sim")).unwrap();
     std::fs::write(pool.env.path("host.pem"), pem).unwrap();
-    let ok = pool.xapi_at(&https, &["--cert", pool.env.path("host.pem").to_str().unwrap()]);
+    let ok = pool.run_at(&https, "vms", &["--cert", pool.env.path("host.pem").to_str().unwrap()]);
     assert!(ok.status.success(), "{}", text(&ok));
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let gone = pool.xapi_at(&format!("http://{closed}"), &[]);
+    let gone = pool.run_at(&format!("http://{closed}"), "vms", &[]);
     one_line(&gone, "cannot reach");
-}
-
-impl Pool {
-    fn xapi_at(&self, url: &str, extra: &[&str]) -> std::process::Output {
-        let mut c = self.env.cmd();
-        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["xapi", "vms", "--host", url]).args(extra);
-        c.output().unwrap()
-    }
 }
 
 /// The simulator as the official Python client sees it (`pip install XenAPI`).

@@ -244,7 +244,7 @@ impl Client {
     /// Start a GET of an HTTP handler (`/export_raw_vdi`…), following XAPI's 302 redirects
     /// to the host holding the disk. Returns the body reader.
     pub fn http_get(&self, path: &str, query: &[(&str, &str)]) -> Result<Box<dyn Read + Send + Sync + 'static>> {
-        let resp = self.http(path, query, |req| req.call())?;
+        let resp = self.http("GET", path, query, |req| req.call())?;
         let mut reader = resp.into_reader();
         // xapi bug (xen-api #4603): a 200 whose body is a second HTTP error response.
         let mut first = [0u8; 5];
@@ -267,12 +267,13 @@ impl Client {
         len: u64,
         body: &mut dyn FnMut() -> Box<dyn Read + Send>,
     ) -> Result<()> {
-        self.http(path, query, |req| req.set("Content-Length", &len.to_string()).send(body()))?;
+        self.http("PUT", path, query, |req| req.set("Content-Length", &len.to_string()).send(body()))?;
         Ok(())
     }
 
     fn http(
         &self,
+        method: &str,
         path: &str,
         query: &[(&str, &str)],
         mut send: impl FnMut(ureq::Request) -> std::result::Result<ureq::Response, ureq::Error>,
@@ -280,7 +281,6 @@ impl Client {
         let mut url = self.base.join(path).map_err(|e| Error::Usage(e.to_string()))?;
         url.query_pairs_mut().extend_pairs(query.iter().copied());
         for _ in 0..4 {
-            let method = if path.starts_with("/import") { "PUT" } else { "GET" };
             let req = self.agent.request_url(method, &url).set("Cookie", &format!("session_id={}", self.session()));
             match send(req) {
                 Ok(resp) if resp.status() == 302 => {

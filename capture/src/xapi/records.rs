@@ -13,15 +13,6 @@ pub fn s<'a>(rec: &'a Value, k: &str) -> &'a str {
     rec.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-/// An int field, as JSON-RPC (number) or XML-RPC (decimal string) gives it.
-pub fn int(rec: &Value, k: &str) -> Option<i64> {
-    match rec.get(k)? {
-        Value::Number(n) => n.as_i64(),
-        Value::String(t) => t.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 /// A bool field (false when absent).
 pub fn flag(rec: &Value, k: &str) -> bool {
     match rec.get(k) {
@@ -120,6 +111,6 @@ mod tests {
         assert_eq!(m["objects"][0]["snapshot"]["current_operations"], json!({}));
         assert_eq!(m["objects"][1]["snapshot"]["VDI"], json!(vdi));
         assert_eq!(m["streams"], json!({vdi: "xvda"}));
-        assert_eq!(int(&m["objects"][0]["snapshot"], "memory_static_max"), Some(1024));
+        assert_eq!(disk_formats::xva::int_field(&m["objects"][0]["snapshot"], "memory_static_max"), Some(1024));
     }
 }
