@@ -14,8 +14,9 @@ use archive::Repository;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::nbd::{NbdDisk, Target};
 use crate::run::Limits;
-use crate::source::HttpRawDisk;
+use crate::source::{nbd_target, nbd_wants_tls, vhd_block_map, HttpRawDisk};
 use crate::xapi::records::{flag, is_null, list, s, Bundle};
 use crate::xapi::Client;
 use disk_formats::xva::int_field;
@@ -33,6 +34,20 @@ pub struct Options {
     pub workers: usize,
     /// Set from outside (Ctrl-C) to stop: reads fail, cleanup still runs.
     pub cancel: Arc<AtomicBool>,
+    /// How disk data is read.
+    pub transport: Transport,
+}
+
+/// How disk data is read from the pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// NBD when `VDI.get_nbd_info` offers it, else HTTP.
+    #[default]
+    Auto,
+    /// NBD or fail.
+    Nbd,
+    /// HTTP `/export_raw_vdi` only.
+    Http,
 }
 
 /// What happened to one VM.
@@ -241,8 +256,19 @@ fn transfer(
     vm_copy["name_label"] = json!(name);
     vm_copy["name_description"] = vm_rec.get("name_description").cloned().unwrap_or(json!(""));
     bundle.add("VM", &snap.r#ref, vm_copy);
-    let mut g =
-        Gather { client, opts, limits, received: Arc::default(), bundle, sources: Vec::new(), streams: Vec::new() };
+    let mut g = Gather {
+        client,
+        opts,
+        limits,
+        log,
+        vm: &name,
+        nbd_tls: None,
+        via: Vec::new(),
+        received: Arc::default(),
+        bundle,
+        sources: Vec::new(),
+        streams: Vec::new(),
+    };
     for vbd in list(&snap_rec, "VBDs") {
         let vbd_rec = client.call("VBD.get_record", &[json!(vbd)])?;
         let vdi = s(&vbd_rec, "VDI").to_string();
@@ -258,7 +284,7 @@ fn transfer(
     if memory {
         g.add(&suspend, "memory".into(), StreamKind::Memory)?;
     }
-    let Gather { mut bundle, sources, streams, received, .. } = g;
+    let Gather { mut bundle, sources, streams, received, mut via, .. } = g;
     for vif in list(&snap_rec, "VIFs") {
         let vif_rec = client.call("VIF.get_record", &[json!(vif)])?;
         let net = s(&vif_rec, "network").to_string();
@@ -280,7 +306,14 @@ fn transfer(
                     "kind": if snap.checkpoint { "checkpoint" } else { "snapshot" }, "job": opts.job},
     });
     let total: u64 = sources.iter().map(|s| s.dev.len()).sum();
-    line(log, &name, "transfer", "info", format!("reading {} stream(s), {} bytes, over HTTP", sources.len(), total));
+    via.dedup();
+    line(
+        log,
+        &name,
+        "transfer",
+        "info",
+        format!("reading {} stream(s), {} bytes, over {}", sources.len(), total, via.join(" and ")),
+    );
     let progress = Progress::default();
     let bopts = BackupOptions {
         vm: name.clone(),
@@ -299,6 +332,12 @@ struct Gather<'a> {
     client: &'a Arc<Client>,
     opts: &'a Options,
     limits: &'a Arc<Limits>,
+    log: Log<'a>,
+    vm: &'a str,
+    /// Whether the pool's NBD server wants TLS (asked once).
+    nbd_tls: Option<bool>,
+    /// The transports used ("NBD", "HTTP").
+    via: Vec<&'static str>,
     received: Arc<AtomicU64>,
     bundle: Bundle,
     sources: Vec<Source>,
@@ -311,13 +350,59 @@ impl Gather<'_> {
         let rec = self.client.call("VDI.get_record", &[json!(vdi)])?;
         add_sr(self.client, &mut self.bundle, &rec);
         let size = int_field(&rec, "virtual_size").unwrap_or(0);
+        let uuid = s(&rec, "uuid").to_string();
         self.bundle.add("VDI", vdi, rec);
         self.streams.push((vdi.to_string(), name.clone()));
-        let dev = HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.received.clone())
-            .cancel_on(self.opts.cancel.clone())
-            .limit(self.limits.exports.clone());
-        self.sources.push(Source { name, kind, dev: Box::new(dev), changed: None });
+        let dev: Box<dyn blockdev::BlockDev> = match self.nbd_target(vdi, &uuid)? {
+            Some(target) => {
+                let mut d = NbdDisk::new(target, size, self.received.clone())
+                    .cancel_on(self.opts.cancel.clone())
+                    .limit(self.limits.exports.clone());
+                match vhd_block_map(self.client, vdi, size, Some(&self.limits.exports)) {
+                    Ok(map) => {
+                        let last = map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
+                        d = d.with_map(map).finish_at(last);
+                    }
+                    Err(e) => line(
+                        self.log,
+                        self.vm,
+                        "transfer",
+                        "warning",
+                        format!("no block map for disk {uuid} ({e}): reading all of it"),
+                    ),
+                }
+                self.via.push("NBD");
+                Box::new(d)
+            }
+            None => {
+                self.via.push("HTTP");
+                Box::new(
+                    HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.received.clone())
+                        .cancel_on(self.opts.cancel.clone())
+                        .limit(self.limits.exports.clone()),
+                )
+            }
+        };
+        self.sources.push(Source { name, kind, dev, changed: None });
         Ok(())
+    }
+
+    /// Where to read VDI `vdi` over NBD, when the transport allows and the pool offers it.
+    fn nbd_target(&mut self, vdi: &str, uuid: &str) -> Result<Option<Target>> {
+        if self.opts.transport == Transport::Http {
+            return Ok(None);
+        }
+        let tls = match self.nbd_tls {
+            Some(t) => t,
+            None => *self.nbd_tls.insert(nbd_wants_tls(self.client)?),
+        };
+        let target = nbd_target(self.client, vdi, tls)?;
+        if target.is_none() && self.opts.transport == Transport::Nbd {
+            return Err(Error::Unsupported(format!(
+                "disk {uuid}: the pool offers no NBD (no network has the nbd or insecure_nbd purpose)"
+            )));
+        }
+        Ok(target)
     }
 }
 

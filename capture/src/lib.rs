@@ -12,6 +12,7 @@
 
 pub mod backup;
 pub mod error;
+pub mod nbd;
 pub mod restore;
 pub mod run;
 pub mod select;

@@ -6,14 +6,23 @@
 //! position reopens it. A stream that ends before the disk's size is an error, never
 //! silently short data — XAPI's exports are delimited by the connection closing, so a
 //! dropped connection looks like an early end.
+//!
+//! [`vhd_block_map`] reads only the head of a `format=vhd` export — footer copy, dynamic
+//! header, BAT — to learn which 2 MiB blocks hold data, then closes it: how Xen Orchestra
+//! finds the blocks to fetch over NBD (reference §6.4), since XAPI's NBD server has no
+//! block status.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockdev::BlockDev;
+use disk_formats::vhd::{DiskType, DynHeader, Footer};
 
+use crate::error::{Error, Result};
+use crate::nbd::{BlockMap, Target, TlsTarget};
 use crate::run::{Permit, Semaphore};
+use crate::xapi::records::s;
 use crate::xapi::Client;
 
 struct Open {
@@ -160,4 +169,94 @@ impl Drop for HttpRawDisk {
             self.finish(o);
         }
     }
+}
+
+/// Largest BAT read: 2^22 entries of 2 MiB blocks cover 8 TiB, beyond XAPI's 2 TiB VHDs.
+const MAX_BAT_ENTRIES: u64 = 1 << 22;
+
+/// Which blocks of VDI `vdi` (of `size` bytes) hold data, from its VHD export's BAT.
+pub fn vhd_block_map(client: &Client, vdi: &str, size: u64, exports: Option<&Arc<Semaphore>>) -> Result<BlockMap> {
+    let _permit = exports.map(|s| s.acquire());
+    let task = client.create_task("vmvault block map")?;
+    let r = client
+        .http_get("/export_raw_vdi", &[("vdi", vdi), ("format", "vhd"), ("task_id", &task)])
+        .and_then(|mut body| read_bat(&mut body, size));
+    let _ = client.call("task.destroy", &[serde_json::json!(task)]);
+    r
+}
+
+/// Parse the head of a dynamic VHD stream up to the end of its BAT.
+fn read_bat(body: &mut dyn Read, size: u64) -> Result<BlockMap> {
+    let io = |e| Error::io("reading the VHD export's header", e);
+    let mut head = vec![0u8; 1536];
+    body.read_exact(&mut head).map_err(io)?;
+    let footer = Footer::from_bytes(&head[..512], 0)?;
+    if footer.disk_type != DiskType::Dynamic || footer.data_offset != 512 {
+        return Err(Error::protocol("export_raw_vdi?format=vhd", "not a dynamic VHD with its header at 512"));
+    }
+    if footer.current_size != size {
+        return Err(Error::protocol(
+            "export_raw_vdi?format=vhd",
+            format!("a {} byte VHD for a {size} byte disk", footer.current_size),
+        ));
+    }
+    let header = DynHeader::from_bytes(&head[512..1536], 512)?;
+    let block = u64::from(header.block_size);
+    let entries = u64::from(header.max_table_entries);
+    if header.table_offset < 1536 || entries < size.div_ceil(block) || entries > MAX_BAT_ENTRIES {
+        return Err(Error::protocol(
+            "export_raw_vdi?format=vhd",
+            format!("a BAT of {entries} entries at {}", header.table_offset),
+        ));
+    }
+    io::copy(&mut body.take(header.table_offset - 1536), &mut io::sink()).map_err(io)?;
+    let mut bat = vec![0u8; (entries * 4) as usize];
+    body.read_exact(&mut bat).map_err(io)?;
+    let present = bat
+        .chunks_exact(4)
+        .take(size.div_ceil(block) as usize)
+        .map(|e| u32::from_be_bytes([e[0], e[1], e[2], e[3]]) != u32::MAX)
+        .collect();
+    Ok(BlockMap { block, present })
+}
+
+/// Whether the pool's NBD server wants TLS: only the `insecure_nbd` purpose alone means
+/// plain text (the server refuses both purposes at once, reference §6.1).
+pub fn nbd_wants_tls(client: &Client) -> Result<bool> {
+    let nets = client.call("network.get_all_records", &[])?;
+    let purposes: Vec<&str> = nets
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .flat_map(|n| n.get("purpose").and_then(serde_json::Value::as_array).into_iter().flatten())
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    Ok(!(purposes.contains(&"insecure_nbd") && !purposes.contains(&"nbd")))
+}
+
+/// Where VDI `vdi` can be read over NBD (`VDI.get_nbd_info`), or `None` when the pool
+/// offers no NBD. With `tls`, the host's certificate from the answer is pinned and its
+/// `subject` is the name checked.
+pub fn nbd_target(client: &Client, vdi: &str, tls: bool) -> Result<Option<Target>> {
+    let infos = client.call("VDI.get_nbd_info", &[serde_json::json!(vdi)])?;
+    let infos = infos.as_array().cloned().unwrap_or_default();
+    // The host we talk to (its address is known to work), else the first offered.
+    let host = client.base().host_str().unwrap_or("").trim_matches(['[', ']']).to_string();
+    let Some(info) = infos.iter().find(|i| s(i, "address") == host).or(infos.first()) else { return Ok(None) };
+    let bad = |d: String| Error::protocol("VDI.get_nbd_info", d);
+    let (address, port) = (s(info, "address"), disk_formats::xva::int_field(info, "port").unwrap_or(10809));
+    let addr = if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") };
+    let tls = if tls {
+        let pin = crate::xapi::tls::Trust::pin_pem(s(info, "cert"))
+            .map_err(|e| bad(format!("the host's certificate: {e}")))?;
+        let config = pin.client_config().ok_or_else(|| bad("no TLS configuration for the pin".into()))?;
+        let name = rustls::pki_types::ServerName::try_from(s(info, "subject").to_string())
+            .map_err(|e| bad(format!("subject {:?}: {e}", s(info, "subject"))))?;
+        Some(TlsTarget { config, name })
+    } else {
+        None
+    };
+    let uuid = client.call("VDI.get_uuid", &[serde_json::json!(vdi)])?;
+    let label = format!("disk {}", uuid.as_str().unwrap_or(vdi));
+    Ok(Some(Target { addr, export: s(info, "exportname").to_string(), label, tls }))
 }

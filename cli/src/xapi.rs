@@ -138,6 +138,27 @@ pub struct BackupArgs {
     /// Tag the repository snapshots (repeatable).
     #[arg(long = "snapshot-tag")]
     pub snapshot_tags: Vec<String>,
+    /// How disks are read: NBD when the pool offers it (a network with the nbd or
+    /// insecure_nbd purpose), else HTTP; or only one of them.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum TransportArg {
+    Auto,
+    Nbd,
+    Http,
+}
+
+impl From<TransportArg> for capture::backup::Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => capture::backup::Transport::Auto,
+            TransportArg::Nbd => capture::backup::Transport::Nbd,
+            TransportArg::Http => capture::backup::Transport::Http,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +247,7 @@ fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         tags: a.snapshot_tags.clone(),
         workers: 0,
         cancel: interrupt_flag(),
+        transport: a.transport.into(),
     };
     let limits = capture::run::Limits::new(a.vms_at_once, a.snapshots_at_once, a.exports_at_once);
     let start = Instant::now();

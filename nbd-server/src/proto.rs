@@ -332,6 +332,96 @@ pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str, of
     }
 }
 
+// The client's side of the handshake and of transmission (vmvault's NBD client in
+// `capture` uses these; the server never does).
+
+/// The server's greeting (18 bytes): its handshake flags.
+pub fn parse_greeting(b: &[u8; 18]) -> Result<u16, ProtoError> {
+    let magic = be_u64(b, 0);
+    if magic != NBDMAGIC {
+        return Err(ProtoError::Magic { expected: NBDMAGIC, found: magic });
+    }
+    let opt = be_u64(b, 8);
+    if opt != IHAVEOPT {
+        // Old-style servers send an export size here; vmvault does not speak that protocol.
+        return Err(ProtoError::Magic { expected: IHAVEOPT, found: opt });
+    }
+    Ok(be_u16(b, 16))
+}
+
+/// A client's option request: `IHAVEOPT`, option, length, data.
+pub fn option_request(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// The header of an option reply: (option, reply type, payload length).
+pub fn parse_option_reply(b: &[u8; 20]) -> Result<(u32, u32, u32), ProtoError> {
+    let magic = be_u64(b, 0);
+    if magic != OPTION_REPLY_MAGIC {
+        return Err(ProtoError::Magic { expected: OPTION_REPLY_MAGIC, found: magic });
+    }
+    Ok((be_u32(b, 8), be_u32(b, 12), be_u32(b, 16)))
+}
+
+/// `NBD_OPT_INFO` / `NBD_OPT_GO` data: the export name and the info types asked for.
+pub fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut b = (name.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        b.extend_from_slice(&i.to_be_bytes());
+    }
+    b
+}
+
+/// What an `NBD_REP_INFO` payload says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Info {
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
+    /// A type this client does not use (NAME, DESCRIPTION, …): skipped.
+    Other(u16),
+}
+
+pub fn parse_info(b: &[u8]) -> Result<Info, ProtoError> {
+    let kind = b.get(..2).map(|k| be_u16(k, 0)).ok_or(ProtoError::Malformed("short info reply"))?;
+    match kind {
+        INFO_EXPORT if b.len() == 12 => Ok(Info::Export { size: be_u64(b, 2), flags: be_u16(b, 10) }),
+        INFO_BLOCK_SIZE if b.len() == 14 => {
+            Ok(Info::BlockSize { min: be_u32(b, 2), preferred: be_u32(b, 6), max: be_u32(b, 10) })
+        }
+        INFO_EXPORT | INFO_BLOCK_SIZE => Err(ProtoError::Malformed("info reply of the wrong length")),
+        k => Ok(Info::Other(k)),
+    }
+}
+
+/// The reply to `NBD_OPT_EXPORT_NAME` (its first 10 bytes): size and transmission flags.
+pub fn parse_export_name_reply(b: &[u8; 10]) -> (u64, u16) {
+    (be_u64(b, 0), be_u16(b, 8))
+}
+
+/// A simple reply header: (cookie, error). A structured reply is refused: this client
+/// never negotiates them.
+pub fn parse_simple_reply(b: &[u8; 16]) -> Result<(u64, u32), ProtoError> {
+    let magic = be_u32(b, 0);
+    if magic != SIMPLE_REPLY_MAGIC {
+        return Err(ProtoError::Magic { expected: SIMPLE_REPLY_MAGIC.into(), found: magic.into() });
+    }
+    Ok((be_u64(b, 8), be_u32(b, 4)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,5 +484,34 @@ mod tests {
         let mut out = Vec::new();
         error_chunk(&mut out, 7, EIO, "bad", Some(512));
         assert_eq!(out.len(), 20 + 6 + 3 + 8);
+    }
+
+    #[test]
+    fn client_side_round_trips() {
+        let g = greeting();
+        assert_eq!(parse_greeting(&g), Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+        let mut old = g;
+        old[8..16].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        assert!(parse_greeting(&old).is_err(), "an old-style greeting is not newstyle");
+        let req = option_request(OPT_GO, &info_request("disk", &[INFO_BLOCK_SIZE]));
+        let hdr: [u8; 16] = req[..16].try_into().unwrap();
+        assert_eq!(parse_option_header(&hdr), Ok((OPT_GO, (req.len() - 16) as u32)));
+        assert_eq!(parse_info_request(&req[16..]).unwrap().infos, [INFO_BLOCK_SIZE]);
+        let rep = option_reply(OPT_GO, REP_INFO, &info_export(1 << 33, TF_READ_ONLY));
+        let head: [u8; 20] = rep[..20].try_into().unwrap();
+        assert_eq!(parse_option_reply(&head), Ok((OPT_GO, REP_INFO, 12)));
+        assert_eq!(parse_info(&rep[20..]), Ok(Info::Export { size: 1 << 33, flags: TF_READ_ONLY }));
+        assert_eq!(
+            parse_info(&info_block_size(512, 4096, 1 << 25)),
+            Ok(Info::BlockSize { min: 512, preferred: 4096, max: 1 << 25 })
+        );
+        assert!(parse_info(&info_export(1, 1)[..11]).is_err());
+        assert_eq!(parse_info(&info_string(INFO_NAME, "x")), Ok(Info::Other(INFO_NAME)));
+        let e: [u8; 10] = export_name_reply(4096, 3, true).try_into().unwrap();
+        assert_eq!(parse_export_name_reply(&e), (4096, 3));
+        assert_eq!(parse_simple_reply(&simple_reply(9, EINVAL)), Ok((9, EINVAL)));
+        let mut structured = Vec::new();
+        chunk_header(&mut structured, 9, 0, REPLY_TYPE_NONE, 0);
+        assert!(parse_simple_reply(&structured[..16].try_into().unwrap()).is_err());
     }
 }

@@ -133,6 +133,14 @@ impl Pool {
         self.count("VM", |r| r.get("is_a_snapshot") == Some(&Value::Bool(true)))
     }
 
+    /// The uuid of a VM's disk by VBD order.
+    fn disk_uuid(&self, name: &str, i: usize) -> String {
+        let st = self.sim.state();
+        let vm = pool_vm(&st, name);
+        let vbd = st.db.refs(&vm, "VBDs")[i].clone();
+        st.db.str(&st.db.str(&vbd, "VDI"), "uuid")
+    }
+
     fn field(&self, r: &str, f: &str) -> String {
         self.sim.state().db.str(r, f)
     }
@@ -242,12 +250,7 @@ fn xapi_checkpoint_failure_falls_back_to_a_disk_snapshot() {
 fn xapi_dropped_export_fails_that_vm_only_and_cleans_up() {
     let pool = Pool::start(SCENARIO, |_| {});
     let vdis_before = pool.count("VDI", |_| true);
-    let uuid = {
-        let st = pool.sim.state();
-        let vm = pool_vm(&st, "mail");
-        let vbd = st.db.refs(&vm, "VBDs")[0].clone();
-        st.db.str(&st.db.str(&vbd, "VDI"), "uuid")
-    };
+    let uuid = pool.disk_uuid("mail", 0);
     pool.sim.hooks.lock().unwrap().drop_export(uuid, 1 << 20);
     let out = pool.xapi("backup", &["--tag", "prod", "--json"]);
     assert!(!out.status.success(), "one VM failed: the run fails");
@@ -322,4 +325,95 @@ fn xapi_sim_fidelity_with_the_python_xenapi_client() {
     assert!(out.status.success(), "{}", text(&out));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.trim_end().ends_with("fidelity: all checks passed"), "{said}");
+}
+
+/// web: a sparse disk and a memory image, on a pool whose NBD server runs plain or TLS.
+fn nbd_scenario(purpose: &str) -> String {
+    format!(
+        r#"
+[[network]]
+name = "lan"
+purpose = ["{purpose}"]
+[[vm]]
+name = "web"
+power_state = "Running"
+memory_image = "4MiB"
+seed = 9
+[[vm.disk]]
+size = "256MiB"
+data = 0.002
+[[vm.disk]]
+size = "6MiB"
+data = 0.5
+"#
+    )
+}
+
+/// Bytes an NBD reader fetches for a device read through its VHD block map: whole 2 MiB
+/// blocks that hold any allocated 64 KiB block (clipped to the end).
+fn nbd_bytes(d: &xapi_sim::disk::Disk) -> u64 {
+    let mb2 = 2u64 << 20;
+    (0..d.size.div_ceil(mb2))
+        .filter(|b| (b * 32..(b + 1) * 32).any(|k| d.allocated(k)))
+        .map(|b| mb2.min(d.size - b * mb2))
+        .sum()
+}
+
+#[test]
+fn xapi_backup_over_nbd_reads_only_the_blocks_holding_data() {
+    for purpose in ["insecure_nbd", "nbd"] {
+        let pool = Pool::start(&nbd_scenario(purpose), |_| {});
+        let out = pool.ok("backup", &["--vm", "web", "--memory", "--transport", "nbd", "--json"]);
+        let log = stderr(&out);
+        assert!(log.contains("reading 3 stream(s)") && log.contains("over NBD"), "{purpose}: {log}");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expect: u64 = {
+            let st = pool.sim.state();
+            let vm = pool_vm(&st, "web");
+            let mut keys: Vec<String> =
+                st.db.refs(&vm, "VBDs").iter().map(|v| st.db.str(&st.db.str(v, "VDI"), "uuid")).collect();
+            keys.push(xapi_sim::hooks::memory_of(&st, &vm).unwrap());
+            keys.iter().map(|k| nbd_bytes(&st.disks[k])).sum()
+        };
+        let total: u64 = pool.disks("web").iter().map(|d| d.1.len() as u64).sum::<u64>() + (4 << 20);
+        assert_eq!(report["vms"][0]["bytes_read"], expect, "{purpose}: {report}");
+        assert!(expect < total / 2, "the block map skipped most of the sparse disk ({expect} of {total})");
+        for (i, (_, bytes)) in pool.disks("web").iter().enumerate() {
+            let got = pool.env.cmd().args(["cat", &format!("web@latest:xvd{}", (b'a' + i as u8) as char)]).output();
+            assert!(got.unwrap().stdout == *bytes, "{purpose}: disk {i} differs");
+        }
+        let mem = pool.env.cmd().args(["cat", "web@latest:memory"]).output().unwrap();
+        assert!(mem.stdout == pool.memory("web"), "{purpose}: memory differs");
+        // NBD connections were closed before cleanup: no snapshot, no dom0 VBD left.
+        assert_eq!(pool.snapshots_on_pool(), 0, "{log}");
+        assert_eq!(pool.count("VBD", |r| r["other_config"].get("xapi-nbd").is_some()), 0);
+    }
+}
+
+#[test]
+fn xapi_nbd_reconnects_after_a_drop_and_fails_cleanly_when_it_keeps_dropping() {
+    let pool = Pool::start(&nbd_scenario("insecure_nbd"), |_| {});
+    let uuid = pool.disk_uuid("web", 0);
+    pool.sim.hooks.lock().unwrap().drop_export(uuid.clone(), 1 << 20);
+    let out = pool.ok("backup", &["--vm", "web"]);
+    let xvda = pool.env.cmd().args(["cat", "web@latest:xvda"]).output().unwrap().stdout;
+    assert!(xvda == pool.disks("web")[0].1, "read again after the drop: identical\n{}", text(&out));
+
+    for _ in 0..10 {
+        pool.sim.hooks.lock().unwrap().drop_export(uuid.clone(), 1 << 20);
+    }
+    let out = pool.xapi("backup", &["--vm", "web", "--json"]);
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["vms"][0]["status"], "failure");
+    assert!(report["vms"][0]["error"].as_str().unwrap().contains("NBD server at"), "{report}");
+    assert_eq!(pool.snapshots_on_pool(), 0);
+    assert_eq!(pool.count("VBD", |r| r["other_config"].get("xapi-nbd").is_some()), 0);
+    pool.env.ok(&["check"]);
+    // Without an NBD network, `--transport nbd` says so; `auto` uses HTTP.
+    let http = Pool::start(SCENARIO, |_| {});
+    let out = http.xapi("backup", &["--vm", "mail", "--transport", "nbd", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["vms"][0]["error"].as_str().unwrap().contains("offers no NBD"), "{report}");
+    assert!(stderr(&http.ok("backup", &["--vm", "mail"])).contains("over HTTP"));
 }

@@ -39,8 +39,12 @@ x = s.xenapi
 
 # Records: types as XAPI sends them over XML-RPC (ints as strings, bools, datetimes).
 vms = x.VM.get_all_records()
-names = sorted(v["name_label"] for v in vms.values())
+names = sorted(v["name_label"] for v in vms.values() if not v["is_control_domain"])
 check(names == ["db", "mail", "test", "web"], f"VM names {names}")
+dom0 = [v for v in vms.values() if v["is_control_domain"]]
+check(len(dom0) == 1 and dom0[0]["power_state"] == "Running" and dom0[0]["domid"] == "0", f"dom0 {dom0}")
+host = x.host.get_all()[0]
+check(x.host.get_control_domain(host) == x.VM.get_by_uuid(dom0[0]["uuid"]), "host.control_domain is dom0")
 web = x.VM.get_by_name_label("web")[0]
 rec = x.VM.get_record(web)
 check(rec["power_state"] == "Running" and rec["memory_static_max"] == str(1 << 30), "VM record fields")
@@ -134,6 +138,35 @@ check(any(e["ref"] == mail and e["operation"] == "mod" for e in ev["events"]), "
 t0 = time.time()
 ev = getattr(x.event, "from")(["vm"], ev["token"], 0.3)
 check(ev["events"] == [] and time.time() - t0 >= 0.25, "event.from timeout")
+
+# NBD (§6), with libnbd's nbdinfo/nbdcopy as the client: no NBD network, no info; with
+# insecure_nbd, a snapshot disk copies byte-identical; with nbd (TLS), plain text is refused.
+import subprocess, tempfile, urllib.parse
+lan = x.network.get_by_name_label("lan")[0]
+wsnap = x.VM.snapshot(web, "nbd")
+wvdi = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(wsnap) if x.VBD.get_type(v) == "Disk"][0]
+check(x.VDI.get_nbd_info(wvdi) == [], "no NBD network: no NBD info")
+x.network.add_purpose(lan, "insecure_nbd")
+info = x.VDI.get_nbd_info(wvdi)
+check(len(info) == 1 and info[0]["exportname"].startswith("/" + x.VDI.get_uuid(wvdi) + "?session_id=")
+      and info[0]["cert"].startswith("-----BEGIN CERTIFICATE-----") and info[0]["subject"], f"nbd info {info}")
+nbd_url = "nbd://%s:%s/%s" % (info[0]["address"], info[0]["port"], urllib.parse.quote(info[0]["exportname"], safe=""))
+out = subprocess.run(["nbdinfo", "--json", nbd_url], capture_output=True, text=True)
+check(out.returncode == 0, f"nbdinfo: {out.stderr}")
+exp = json.loads(out.stdout)["exports"][0]
+check(exp["export-size"] == int(x.VDI.get_virtual_size(wvdi)) and exp["is_read_only"], f"nbdinfo: {exp}")
+with tempfile.TemporaryDirectory() as tmp:
+    copy = subprocess.run(["nbdcopy", nbd_url, f"{tmp}/d.raw"], capture_output=True, text=True)
+    check(copy.returncode == 0, f"nbdcopy: {copy.stderr}")
+    oracle = urllib.request.urlopen(f"{URL}/sim/disk?vdi={x.VDI.get_uuid(wvdi)}").read()
+    check(open(f"{tmp}/d.raw", "rb").read() == oracle, "nbdcopy copied the disk byte-identical")
+x.network.remove_purpose(lan, "insecure_nbd")
+x.network.add_purpose(lan, "nbd")
+out = subprocess.run(["nbdinfo", nbd_url], capture_output=True, text=True)
+check(out.returncode != 0, "a FORCEDTLS NBD server refuses plain text")
+x.network.remove_purpose(lan, "nbd")
+x.VM.destroy(wsnap)
+x.VDI.destroy(wvdi)
 
 # JSON-RPC: the same session, numbers as numbers, v1 errors.
 sid = s._session

@@ -44,7 +44,7 @@ impl Trust {
     }
 
     /// The rustls configuration, or `None` for the HTTP client's default (public roots).
-    pub(crate) fn client_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+    pub fn client_config(&self) -> Option<Arc<rustls::ClientConfig>> {
         let pins = match self {
             Trust::Roots => return None,
             Trust::Pinned(p) => Some(p.clone()),

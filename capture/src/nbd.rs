@@ -1,0 +1,477 @@
+//! An NBD client as a [`BlockDev`]: how vmvault reads a VDI from XAPI's NBD server
+//! (reference §6), and any other NBD export.
+//!
+//! Handshake (the protocol document, `doc/proto.md` of NetworkBlockDevice/nbd): fixed
+//! newstyle only; STARTTLS first when TLS is asked for (rustls, with the caller's
+//! verification); then `NBD_OPT_GO` asking for the block-size constraints, and — when the
+//! server answers `ERR_UNSUP`, as xapi-nbd does — `NBD_OPT_EXPORT_NAME`. Transmission uses
+//! simple replies: a read is split into requests of at most 2 MiB (XO's block size), all sent
+//! before the replies are read (matched by cookie, so out-of-order servers work too), and
+//! widened to the server's minimum block size (512 bytes for XAPI, which refuses unaligned
+//! reads).
+//!
+//! The connection opens on the first read, holding one export slot of the pool's limit, and
+//! closes (freeing the slot) once a read reaches [`NbdDisk::finish_at`]; a later read opens
+//! it again. A failed read is retried on a new connection (as XO does), a few times, a
+//! second apart; the last error is returned. The export name is never shown in errors: XAPI's
+//! carries the session.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockdev::{Allocation, BlockDev, Run};
+use nbd_server::proto;
+use rustls::pki_types::ServerName;
+
+use crate::run::{Permit, Semaphore};
+
+/// Largest read request sent.
+const MAX_REQUEST: u64 = 2 << 20;
+/// Largest option reply payload accepted (the server's strings are short).
+const MAX_REPLY: u32 = 64 << 10;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// TLS for an NBD connection.
+#[derive(Clone, Debug)]
+pub struct TlsTarget {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
+/// Where an export is.
+#[derive(Clone)]
+pub struct Target {
+    /// `host:port`.
+    pub addr: String,
+    pub export: String,
+    /// How errors name the export (the name itself may hold a secret).
+    pub label: String,
+    pub tls: Option<TlsTarget>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Target({} at {}, tls: {})", self.label, self.addr, self.tls.is_some())
+    }
+}
+
+trait Io: Read + Write + Send {}
+impl<T: Read + Write + Send> Io for T {}
+
+/// An open connection, in transmission.
+struct Conn {
+    s: Box<dyn Io>,
+    size: u64,
+    flags: u16,
+    /// Reads are widened to multiples of this.
+    min_block: u64,
+    max_request: u64,
+    cookie: u64,
+    _permit: Option<Permit>,
+}
+
+fn err(kind: io::ErrorKind, msg: String) -> io::Error {
+    io::Error::new(kind, msg)
+}
+
+fn bad(t: &Target, what: impl std::fmt::Display) -> io::Error {
+    err(io::ErrorKind::InvalidData, format!("NBD server at {} ({}): {what}", t.addr, t.label))
+}
+
+/// A name for an option reply error.
+fn rep_name(rep: u32) -> String {
+    match rep {
+        proto::REP_ERR_UNSUP => "unsupported".into(),
+        proto::REP_ERR_POLICY => "refused by policy".into(),
+        proto::REP_ERR_INVALID => "invalid".into(),
+        proto::REP_ERR_TLS_REQD => "TLS required".into(),
+        proto::REP_ERR_UNKNOWN => "no such export".into(),
+        proto::REP_ERR_SHUTDOWN => "server shutting down".into(),
+        r => format!("error {r:#x}"),
+    }
+}
+
+/// Read one option reply: (type, payload).
+fn option_reply(s: &mut dyn Io, t: &Target, option: u32) -> io::Result<(u32, Vec<u8>)> {
+    let mut head = [0u8; 20];
+    s.read_exact(&mut head).map_err(|e| closed(t, e, "during option haggling"))?;
+    let (opt, rep, len) = proto::parse_option_reply(&head).map_err(|e| bad(t, e))?;
+    if opt != option {
+        return Err(bad(t, format!("a reply to option {opt} where {option} was asked")));
+    }
+    if len > MAX_REPLY {
+        return Err(bad(t, format!("an option reply of {len} bytes")));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).map_err(|e| closed(t, e, "during option haggling"))?;
+    Ok((rep, data))
+}
+
+/// An early end of the connection, said plainly.
+fn closed(t: &Target, e: io::Error, when: &str) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        err(
+            io::ErrorKind::ConnectionAborted,
+            format!("NBD server at {} closed the connection {when} (export {})", t.addr, t.label),
+        )
+    } else {
+        err(e.kind(), format!("NBD server at {} ({}): {e}", t.addr, t.label))
+    }
+}
+
+fn send(s: &mut dyn Io, bytes: &[u8]) -> io::Result<()> {
+    s.write_all(bytes)?;
+    s.flush()
+}
+
+/// Connect and negotiate; the connection is in transmission when this returns.
+fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
+    let addrs: Vec<_> = t.addr.to_socket_addrs().map_err(|e| err(e.kind(), format!("{}: {e}", t.addr)))?.collect();
+    let mut last = err(io::ErrorKind::NotFound, format!("{}: no address", t.addr));
+    let mut tcp = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, TIMEOUT) {
+            Ok(c) => {
+                tcp = Some(c);
+                break;
+            }
+            Err(e) => last = err(e.kind(), format!("connecting to NBD server {}: {e}", t.addr)),
+        }
+    }
+    let mut tcp = tcp.ok_or(last)?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(TIMEOUT))?;
+    tcp.set_write_timeout(Some(TIMEOUT))?;
+    let mut g = [0u8; 18];
+    tcp.read_exact(&mut g).map_err(|e| closed(t, e, "before its greeting"))?;
+    let flags = proto::parse_greeting(&g).map_err(|e| bad(t, format!("not a newstyle NBD server ({e})")))?;
+    if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(bad(t, "the server does not speak fixed newstyle NBD"));
+    }
+    let no_zeroes = flags & proto::FLAG_NO_ZEROES != 0;
+    let cflags = proto::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_C_NO_ZEROES } else { 0 };
+    tcp.write_all(&cflags.to_be_bytes())?;
+    let s: Box<dyn Io> = match &t.tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let mut plain: Box<dyn Io> = Box::new(tcp.try_clone()?);
+            send(&mut *plain, &proto::option_request(proto::OPT_STARTTLS, &[]))?;
+            let (rep, _) = option_reply(&mut *plain, t, proto::OPT_STARTTLS)?;
+            if rep != proto::REP_ACK {
+                return Err(bad(t, format!("STARTTLS {}", rep_name(rep))));
+            }
+            drop(plain);
+            let c = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone()).map_err(io::Error::other)?;
+            let mut st = rustls::StreamOwned::new(c, tcp);
+            // Finish the handshake here, so a certificate problem is reported as one.
+            while st.conn.is_handshaking() {
+                st.conn
+                    .complete_io(&mut st.sock)
+                    .map_err(|e| err(e.kind(), format!("TLS with NBD server {}: {e}", t.addr)))?;
+            }
+            Box::new(st)
+        }
+    };
+    let mut conn = Conn { s, size: 0, flags: 0, min_block: 1, max_request: MAX_REQUEST, cookie: 0, _permit: permit };
+    let go = proto::info_request(&t.export, &[proto::INFO_BLOCK_SIZE]);
+    send(&mut *conn.s, &proto::option_request(proto::OPT_GO, &go))?;
+    let mut export = None;
+    loop {
+        let s = &mut *conn.s;
+        let (rep, data) = option_reply(s, t, proto::OPT_GO)?;
+        match rep {
+            proto::REP_INFO => match proto::parse_info(&data).map_err(|e| bad(t, e))? {
+                proto::Info::Export { size, flags } => export = Some((size, flags)),
+                proto::Info::BlockSize { min, max, .. } => {
+                    conn.min_block = u64::from(min.max(1));
+                    conn.max_request = MAX_REQUEST.min(u64::from(max)).max(conn.min_block);
+                }
+                proto::Info::Other(_) => {}
+            },
+            proto::REP_ACK => {
+                let (size, flags) = export.ok_or_else(|| bad(t, "GO acknowledged without the export's size"))?;
+                (conn.size, conn.flags) = (size, flags);
+                break;
+            }
+            proto::REP_ERR_UNSUP => {
+                // An older server (xapi-nbd): select the export the old way. It closes the
+                // connection when it does not like the name.
+                send(s, &proto::option_request(proto::OPT_EXPORT_NAME, t.export.as_bytes()))?;
+                let mut r = [0u8; 10];
+                s.read_exact(&mut r).map_err(|e| {
+                    closed(t, e, "when the export was selected (an unknown disk or an expired session?)")
+                })?;
+                (conn.size, conn.flags) = proto::parse_export_name_reply(&r);
+                if !no_zeroes {
+                    let mut z = [0u8; 124];
+                    s.read_exact(&mut z).map_err(|e| closed(t, e, "after selecting the export"))?;
+                }
+                if conn.min_block == 1 {
+                    conn.min_block = 512; // XAPI's sector size: it refuses smaller reads.
+                }
+                break;
+            }
+            r if r & 0x8000_0000 != 0 => {
+                let msg = String::from_utf8_lossy(&data);
+                let msg = if msg.is_empty() { String::new() } else { format!(": {msg}") };
+                return Err(bad(t, format!("the export was refused ({}){msg}", rep_name(r))));
+            }
+            _ => {} // a reply type this client did not ask for: skip it
+        }
+    }
+    Ok(conn)
+}
+
+impl Conn {
+    /// Read `buf.len()` bytes at `offset` (inside the export), as pipelined requests.
+    fn read(&mut self, t: &Target, offset: u64, buf: &mut [u8], received: &AtomicU64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let a = offset / self.min_block * self.min_block;
+        let b = end.div_ceil(self.min_block).saturating_mul(self.min_block).min(self.size);
+        let mut pieces = Vec::new(); // (cookie, offset, len)
+        let mut at = a;
+        while at < b {
+            let n = (b - at).min(self.max_request);
+            self.cookie += 1;
+            let req = proto::Request {
+                flags: 0,
+                command: proto::CMD_READ,
+                cookie: self.cookie,
+                offset: at,
+                length: n as u32,
+            };
+            self.s.write_all(&req.to_bytes())?;
+            pieces.push((self.cookie, at, n));
+            at += n;
+        }
+        self.s.flush()?;
+        let mut scratch = Vec::new();
+        for _ in 0..pieces.len() {
+            let mut head = [0u8; 16];
+            self.s.read_exact(&mut head).map_err(|e| closed(t, e, "in the middle of a read"))?;
+            let (cookie, error) = proto::parse_simple_reply(&head).map_err(|e| bad(t, e))?;
+            let Some(&(_, p_off, p_len)) = pieces.iter().find(|p| p.0 == cookie) else {
+                return Err(bad(t, format!("a reply to request {cookie}, which was never sent")));
+            };
+            if error != 0 {
+                return Err(err(
+                    io::ErrorKind::Other,
+                    format!(
+                        "NBD server at {} ({}): read of {p_len} bytes at {p_off} failed with error {error}",
+                        t.addr, t.label
+                    ),
+                ));
+            }
+            // The part of this piece inside `buf`; the widened edges go to scratch.
+            let lo = p_off.max(offset);
+            let hi = (p_off + p_len).min(end);
+            if lo == p_off && hi == p_off + p_len {
+                let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+                self.s.read_exact(dst).map_err(|e| closed(t, e, "in the middle of a read"))?;
+            } else {
+                scratch.resize(p_len as usize, 0);
+                self.s.read_exact(&mut scratch).map_err(|e| closed(t, e, "in the middle of a read"))?;
+                if lo < hi {
+                    buf[(lo - offset) as usize..(hi - offset) as usize]
+                        .copy_from_slice(&scratch[(lo - p_off) as usize..(hi - p_off) as usize]);
+                }
+            }
+            received.fetch_add(p_len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Say goodbye (best effort).
+    fn disconnect(mut self) {
+        self.cookie += 1;
+        let req = proto::Request { flags: 0, command: proto::CMD_DISC, cookie: self.cookie, offset: 0, length: 0 };
+        let _ = send(&mut *self.s, &req.to_bytes());
+    }
+}
+
+/// Which fixed-size blocks of a disk hold data, as far as the source knows (a VHD's BAT).
+#[derive(Clone, Debug)]
+pub struct BlockMap {
+    pub block: u64,
+    pub present: Vec<bool>,
+}
+
+impl BlockMap {
+    /// The run at `offset` (at most `max_len`), from the blocks' presence.
+    fn run(&self, offset: u64, max_len: u64) -> Run {
+        let present = |b: u64| self.present.get(b as usize).copied().unwrap_or(true);
+        let first = offset / self.block;
+        let kind = present(first);
+        let mut end = (first + 1) * self.block;
+        while end < offset + max_len && present(end / self.block) == kind {
+            end += self.block;
+        }
+        Run { kind: if kind { Allocation::Data } else { Allocation::Zero }, len: (end - offset).min(max_len) }
+    }
+}
+
+/// A disk read over NBD. See the module docs.
+pub struct NbdDisk {
+    target: Target,
+    size: u64,
+    conn: Mutex<Option<Conn>>,
+    map: Option<BlockMap>,
+    finish_at: u64,
+    /// Bytes received from the server (shared with the caller's counters).
+    pub received: Arc<AtomicU64>,
+    cancel: Arc<AtomicBool>,
+    exports: Option<Arc<Semaphore>>,
+    retries: u32,
+}
+
+impl std::fmt::Debug for NbdDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NbdDisk({:?}, {} bytes)", self.target, self.size)
+    }
+}
+
+impl NbdDisk {
+    /// A disk of `size` bytes at `target` (checked against the server's size on connect).
+    pub fn new(target: Target, size: u64, received: Arc<AtomicU64>) -> Self {
+        NbdDisk {
+            target,
+            size,
+            conn: Mutex::new(None),
+            map: None,
+            finish_at: size,
+            received,
+            cancel: Arc::default(),
+            exports: None,
+            retries: 3,
+        }
+    }
+
+    /// Connect now and take the disk's size from the server.
+    pub fn open(target: Target) -> io::Result<Self> {
+        let conn = connect(&target, None)?;
+        let mut d = NbdDisk::new(target, conn.size, Arc::default());
+        d.conn = Mutex::new(Some(conn));
+        Ok(d)
+    }
+
+    /// Hold a permit of `exports` while connected (the pool's transfer limit).
+    pub fn limit(mut self, exports: Arc<Semaphore>) -> Self {
+        self.exports = Some(exports);
+        self
+    }
+
+    /// Fail reads (`Interrupted`) once `flag` is set.
+    pub fn cancel_on(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = flag;
+        self
+    }
+
+    /// Blocks known to hold no data read as zeros without asking the server.
+    pub fn with_map(mut self, map: BlockMap) -> Self {
+        self.map = Some(map);
+        self
+    }
+
+    /// Close the connection once a read reaches `end` (the last byte the caller plans to
+    /// read), so the export slot goes to the next disk.
+    pub fn finish_at(mut self, end: u64) -> Self {
+        self.finish_at = end.min(self.size);
+        self
+    }
+
+    /// Whether the server says the export is read-only.
+    pub fn server_read_only(&self) -> Option<bool> {
+        let g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map(|c| c.flags & proto::TF_READ_ONLY != 0)
+    }
+
+    fn open_conn(&self) -> io::Result<Conn> {
+        let permit = self.exports.as_ref().map(|s| s.acquire());
+        let conn = connect(&self.target, permit)?;
+        if conn.size != self.size {
+            let why = format!("the export has {} bytes, the disk {}", conn.size, self.size);
+            conn.disconnect();
+            return Err(bad(&self.target, why));
+        }
+        Ok(conn)
+    }
+
+    /// A read on the open connection (opened first if needed). The flag says whether
+    /// trying again on a new connection may help: not when the server refused the
+    /// handshake or broke the protocol, only when the network failed.
+    fn try_read(&self, slot: &mut Option<Conn>, offset: u64, buf: &mut [u8]) -> Result<(), (io::Error, bool)> {
+        if slot.is_none() {
+            let transient = |e: io::Error| {
+                let again = matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::WouldBlock
+                );
+                (e, again)
+            };
+            *slot = Some(self.open_conn().map_err(transient)?);
+        }
+        let conn = slot.as_mut().expect("connected above");
+        conn.read(&self.target, offset, buf, &self.received).map_err(|e| {
+            *slot = None; // a connection in an unknown state is not reused
+            let again = e.kind() != io::ErrorKind::InvalidData;
+            (e, again)
+        })
+    }
+}
+
+impl BlockDev for NbdDisk {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        blockdev::check_range(self.size, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut attempt = 0;
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(err(io::ErrorKind::Interrupted, "interrupted".into()));
+            }
+            match self.try_read(&mut slot, offset, buf) {
+                Ok(()) => break,
+                Err((e, again)) if !again || attempt >= self.retries => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(500 * u64::from(attempt)));
+                }
+            }
+        }
+        if offset + buf.len() as u64 >= self.finish_at {
+            if let Some(c) = slot.take() {
+                c.disconnect();
+            }
+        }
+        Ok(())
+    }
+
+    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
+        blockdev::check_range(self.size, offset, 1)?;
+        let max_len = max_len.min(self.size - offset);
+        Ok(match &self.map {
+            Some(m) => m.run(offset, max_len),
+            None => Run { kind: Allocation::Data, len: max_len },
+        })
+    }
+}
+
+impl Drop for NbdDisk {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            c.disconnect();
+        }
+    }
+}
