@@ -10,9 +10,12 @@ use std::time::Instant;
 use archive::backup::{BackupOptions, ParentChoice, Source};
 use archive::manifest::{SnapshotEntry, StreamKind};
 use archive::progress::Progress;
+use archive::reader::RepoReader;
 use archive::Repository;
+use blockdev::BlockDev;
 use serde_json::{json, Value};
 
+use crate::cbt::{self, Patched};
 use crate::error::{Error, Result};
 use crate::nbd::{NbdDisk, Target};
 use crate::run::Limits;
@@ -36,7 +39,18 @@ pub struct Options {
     pub cancel: Arc<AtomicBool>,
     /// How disk data is read.
     pub transport: Transport,
+    /// Use changed block tracking: enable it on the VMs' disks, keep each disk's snapshot as
+    /// a `cbt_metadata` VDI, read only the blocks changed since the previous backup.
+    pub cbt: bool,
+    /// Read every block, whatever CBT or the block map say (a new baseline).
+    pub full: bool,
+    /// Every this many incremental CBT backups of a disk, re-read a sample of "unchanged"
+    /// blocks and compare them with the previous backup (0: never).
+    pub audit_every: u32,
 }
+
+/// Blocks re-read by a CBT audit.
+const AUDIT_BLOCKS: usize = 32;
 
 /// How disk data is read from the pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,7 +166,7 @@ pub fn prepare(client: &Client, vm: &str, opts: &Options, limits: &Limits, log: 
 /// Phase 2: transfer into the archive, then clean up the snapshot whatever happened.
 pub fn complete(
     client: &Arc<Client>,
-    repo: &Repository,
+    repo: &Arc<Repository>,
     p: Pending,
     opts: &Options,
     limits: &Arc<Limits>,
@@ -162,11 +176,12 @@ pub fn complete(
     let outcome = rec.and_then(|rec| {
         let snap = snap.ok_or_else(|| Error::Usage("no snapshot".into()))?;
         let transfer = transfer(client, repo, &rec, &snap, opts, limits, log);
-        cleanup(client, &result.vm, &snap, log);
+        let keep = transfer.as_ref().ok().map(|t| &t.3);
+        cleanup(client, &result.vm, &snap, keep, log);
         transfer
     });
     match outcome {
-        Ok((entry, read, memory)) => {
+        Ok((entry, read, memory, _)) => {
             result.status = Status::Success;
             result.snapshot = Some(entry.id.to_hex());
             result.bytes_read = read;
@@ -189,8 +204,32 @@ struct Snap {
     checkpoint: bool,
 }
 
+/// Turn CBT on for the VM's disks that do not have it yet (their snapshots then carry it).
+fn enable_cbt(client: &Client, rec: &Value, log: Log<'_>) {
+    let name = s(rec, "name_label");
+    for vbd in list(rec, "VBDs") {
+        let Ok(v) = client.call("VBD.get_record", &[json!(vbd)]) else { continue };
+        let vdi = s(&v, "VDI");
+        if s(&v, "type") != "Disk" || is_null(vdi) {
+            continue;
+        }
+        let Ok(d) = client.call("VDI.get_record", &[json!(vdi)]) else { continue };
+        if flag(&d, "cbt_enabled") {
+            continue;
+        }
+        let device = disk_stream_name(s(&v, "userdevice"));
+        match client.call("VDI.enable_cbt", &[json!(vdi)]) {
+            Ok(_) => line(log, name, "snapshot", "info", format!("CBT enabled on {device}")),
+            Err(e) => line(log, name, "snapshot", "warning", format!("CBT cannot be enabled on {device}: {e}")),
+        }
+    }
+}
+
 fn take_snapshot(client: &Client, vm: &str, rec: &Value, opts: &Options, log: Log<'_>) -> Result<Snap> {
     let name = s(rec, "name_label");
+    if opts.cbt {
+        enable_cbt(client, rec, log);
+    }
     let power = s(rec, "power_state");
     let label = format!("vmvault {}", jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ"));
     let suspended = power == "Suspended";
@@ -241,14 +280,15 @@ fn take_snapshot(client: &Client, vm: &str, rec: &Value, opts: &Options, log: Lo
 /// Read the snapshot's disks (and memory) into the archive with the VM's records.
 fn transfer(
     client: &Arc<Client>,
-    repo: &Repository,
+    repo: &Arc<Repository>,
     vm_rec: &Value,
     snap: &Snap,
     opts: &Options,
     limits: &Arc<Limits>,
     log: Log<'_>,
-) -> Result<(SnapshotEntry, u64, bool)> {
+) -> Result<(SnapshotEntry, u64, bool, Keep)> {
     let name = s(vm_rec, "name_label").to_string();
+    let parent = repo.latest_snapshot(&name)?;
     let snap_rec = client.call("VM.get_record", &[json!(snap.r#ref)])?;
     let mut bundle = Bundle::default();
     let mut vm_copy = snap_rec.clone();
@@ -262,6 +302,12 @@ fn transfer(
         limits,
         log,
         vm: &name,
+        repo,
+        parent: parent.as_ref(),
+        reader: None,
+        cbt: serde_json::Map::new(),
+        keep: Keep::default(),
+        incremental: false,
         nbd_tls: None,
         via: Vec::new(),
         received: Arc::default(),
@@ -284,7 +330,7 @@ fn transfer(
     if memory {
         g.add(&suspend, "memory".into(), StreamKind::Memory)?;
     }
-    let Gather { mut bundle, sources, streams, received, mut via, .. } = g;
+    let Gather { mut bundle, sources, streams, received, mut via, cbt, mut keep, incremental, .. } = g;
     for vif in list(&snap_rec, "VIFs") {
         let vif_rec = client.call("VIF.get_record", &[json!(vif)])?;
         let net = s(&vif_rec, "network").to_string();
@@ -303,7 +349,8 @@ fn transfer(
     let meta = json!({
         "xapi": bundle.to_meta(version, &streams),
         "capture": {"source": "xapi", "pool": client.base().host_str().unwrap_or(""), "vm_uuid": s(vm_rec, "uuid"),
-                    "kind": if snap.checkpoint { "checkpoint" } else { "snapshot" }, "job": opts.job},
+                    "kind": if snap.checkpoint { "checkpoint" } else { "snapshot" }, "job": opts.job,
+                    "cbt": cbt},
     });
     let total: u64 = sources.iter().map(|s| s.dev.len()).sum();
     via.dedup();
@@ -319,12 +366,38 @@ fn transfer(
         vm: name.clone(),
         tags: opts.tags.clone(),
         meta: Some(meta),
-        parent: ParentChoice::Latest,
+        // Changed ranges are relative to the snapshot whose CBT bases they were asked against.
+        parent: match (&parent, incremental) {
+            (Some(p), true) => ParentChoice::Id(p.id),
+            _ => ParentChoice::Latest,
+        },
         workers: opts.workers,
     };
     let entry = archive::backup::backup(repo, sources, &bopts, &progress)?;
     line(log, &name, "commit", "info", format!("snapshot {} saved", entry.id.short()));
-    Ok((entry, received.load(Ordering::Relaxed), memory))
+    // The bases the previous backup kept are replaced by this one's.
+    if let Some(prev) =
+        parent.as_ref().and_then(|p| p.snapshot.meta.as_ref()).and_then(|m| m["capture"]["cbt"].as_object())
+    {
+        let kept: Vec<&String> = keep.vdis.iter().map(|(_, u)| u).collect();
+        keep.old_bases = prev
+            .values()
+            .filter_map(|v| v["vdi"].as_str())
+            .filter(|u| !kept.contains(&&u.to_string()))
+            .map(String::from)
+            .collect();
+    }
+    Ok((entry, received.load(Ordering::Relaxed), memory, keep))
+}
+
+/// What cleanup keeps after a successful backup: each disk snapshot with CBT, as the next
+/// backup's base (its data destroyed), and the previous bases, which it destroys.
+#[derive(Debug, Default)]
+struct Keep {
+    /// (VDI ref, uuid) of this backup's disk snapshots to keep as `cbt_metadata`.
+    vdis: Vec<(String, String)>,
+    /// Uuids of the previous backup's bases.
+    old_bases: Vec<String>,
 }
 
 /// The streams of a backup being put together: each VDI's record and the source reading it.
@@ -334,6 +407,15 @@ struct Gather<'a> {
     limits: &'a Arc<Limits>,
     log: Log<'a>,
     vm: &'a str,
+    repo: &'a Arc<Repository>,
+    /// The VM's latest snapshot in the repository: the CBT bases and the unchanged data.
+    parent: Option<&'a SnapshotEntry>,
+    reader: Option<RepoReader>,
+    /// `meta.capture.cbt`: per stream, the base kept on the pool and the incremental count.
+    cbt: serde_json::Map<String, Value>,
+    keep: Keep,
+    /// Whether a stream is read as changed ranges.
+    incremental: bool,
     /// Whether the pool's NBD server wants TLS (asked once).
     nbd_tls: Option<bool>,
     /// The transports used ("NBD", "HTTP").
@@ -345,46 +427,154 @@ struct Gather<'a> {
 }
 
 impl Gather<'_> {
+    fn say(&self, level: &'static str, message: String) {
+        line(self.log, self.vm, "transfer", level, message);
+    }
+
     /// Keep VDI `vdi`'s record (and its SR's) and read it as stream `name`.
     fn add(&mut self, vdi: &str, name: String, kind: StreamKind) -> Result<()> {
         let rec = self.client.call("VDI.get_record", &[json!(vdi)])?;
         add_sr(self.client, &mut self.bundle, &rec);
         let size = int_field(&rec, "virtual_size").unwrap_or(0);
         let uuid = s(&rec, "uuid").to_string();
+        let tracked = self.opts.cbt && kind == StreamKind::Disk && flag(&rec, "cbt_enabled");
         self.bundle.add("VDI", vdi, rec);
         self.streams.push((vdi.to_string(), name.clone()));
-        let dev: Box<dyn blockdev::BlockDev> = match self.nbd_target(vdi, &uuid)? {
+        let target = self.nbd_target(vdi, &uuid)?;
+        self.via.push(if target.is_some() { "NBD" } else { "HTTP" });
+        let mut changed = None;
+        if tracked {
+            let runs = self.plan_cbt(&name, vdi, size, target.is_some()).map(|(c, runs)| {
+                changed = Some(c);
+                runs
+            });
+            self.keep.vdis.push((vdi.to_string(), uuid.clone()));
+            self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": runs.unwrap_or(0)}));
+        }
+        let dev: Box<dyn BlockDev> = match target {
             Some(target) => {
                 let mut d = NbdDisk::new(target, size, self.received.clone())
                     .cancel_on(self.opts.cancel.clone())
                     .limit(self.limits.exports.clone());
-                match vhd_block_map(self.client, vdi, size, Some(&self.limits.exports)) {
-                    Ok(map) => {
-                        let last = map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
-                        d = d.with_map(map).finish_at(last);
+                if let Some(c) = &changed {
+                    d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
+                } else if !self.opts.full {
+                    match vhd_block_map(self.client, vdi, size, Some(&self.limits.exports)) {
+                        Ok(map) => {
+                            let last = map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
+                            d = d.with_map(map).finish_at(last);
+                        }
+                        Err(e) => self.say("warning", format!("no block map for disk {uuid} ({e}): reading all of it")),
                     }
-                    Err(e) => line(
-                        self.log,
-                        self.vm,
-                        "transfer",
-                        "warning",
-                        format!("no block map for disk {uuid} ({e}): reading all of it"),
-                    ),
                 }
-                self.via.push("NBD");
                 Box::new(d)
             }
-            None => {
-                self.via.push("HTTP");
-                Box::new(
-                    HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.received.clone())
-                        .cancel_on(self.opts.cancel.clone())
-                        .limit(self.limits.exports.clone()),
-                )
-            }
+            None => Box::new(
+                HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.received.clone())
+                    .cancel_on(self.opts.cancel.clone())
+                    .limit(self.limits.exports.clone()),
+            ),
         };
-        self.sources.push(Source { name, kind, dev, changed: None });
+        let (dev, changed) = match changed {
+            Some(c) => {
+                let parent = self.parent.expect("changed ranges come with a parent");
+                let reader = match &mut self.reader {
+                    Some(r) => r,
+                    None => self.reader.insert(RepoReader::new(self.repo.clone(), 64, 64 << 20)?),
+                };
+                let parent_dev = Box::new(reader.open(parent, &name)?);
+                let mut c2 = c.clone();
+                // An audit failure reads everything after all.
+                if !self.audit(&name, &*dev, &*parent_dev, &c)? {
+                    c2.clear();
+                    self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": 0}));
+                    (dev, None)
+                } else {
+                    self.incremental = true;
+                    (Box::new(Patched { source: dev, parent: parent_dev, changed: c }) as Box<dyn BlockDev>, Some(c2))
+                }
+            }
+            None => (dev, None),
+        };
+        self.sources.push(Source { name, kind, dev, changed });
         Ok(())
+    }
+
+    /// The changed ranges of disk stream `name` (snapshot VDI `vdi`) since the previous
+    /// backup, and this backup's count of incrementals; `None` (said in the log) when the
+    /// disk must be read in full.
+    fn plan_cbt(&mut self, name: &str, vdi: &str, size: u64, nbd: bool) -> Option<(Vec<std::ops::Range<u64>>, u64)> {
+        let full = |g: &Self, why: &str| -> Option<(Vec<std::ops::Range<u64>>, u64)> {
+            g.say("info", format!("CBT: reading all of {name}: {why}"));
+            None
+        };
+        if self.opts.full {
+            return full(self, "--full asks for a new baseline");
+        }
+        let meta = self.parent.and_then(|p| p.snapshot.meta.as_ref());
+        let Some(base) = meta.map(|m| &m["capture"]["cbt"][name]).filter(|b| b.is_object()) else {
+            return full(self, "the previous backup kept no CBT base for it (first CBT backup)");
+        };
+        let parent = self.parent.expect("a parent has the meta");
+        if parent.snapshot.stream(name).is_none_or(|st| st.size != size) {
+            return full(self, "its size differs from the previous backup's");
+        }
+        let base_uuid = base["vdi"].as_str().unwrap_or("");
+        let base_ref = match self.client.call("VDI.get_by_uuid", &[json!(base_uuid)]) {
+            Ok(r) => r.as_str().unwrap_or("").to_string(),
+            Err(_) => return full(self, &format!("its base {base_uuid} is gone from the pool (CBT reset)")),
+        };
+        let bitmap = match self.client.call("VDI.list_changed_blocks", &[json!(base_ref), json!(vdi)]) {
+            Ok(b) => b,
+            Err(e) => return full(self, &format!("list_changed_blocks refused ({e}): CBT was reset")),
+        };
+        let changed = match cbt::decode(bitmap.as_str().unwrap_or(""), size) {
+            Ok(c) => c,
+            Err(e) => return full(self, e.as_str()),
+        };
+        let bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
+        let how = if nbd { "" } else { " (no NBD: the whole disk is streamed over HTTP, only they are processed)" };
+        self.say("info", format!("CBT: {name}: {bytes} bytes in {} changed range(s){how}", changed.len()));
+        Some((changed, base["runs"].as_u64().unwrap_or(0) + 1))
+    }
+
+    /// Every `audit_every` incrementals, re-read a sample of unchanged blocks and compare
+    /// them with the previous backup. False: they differ (CBT missed changes).
+    fn audit(
+        &mut self,
+        name: &str,
+        dev: &dyn BlockDev,
+        parent: &dyn BlockDev,
+        changed: &[std::ops::Range<u64>],
+    ) -> Result<bool> {
+        let runs = self.cbt[name]["runs"].as_u64().unwrap_or(0);
+        let every = u64::from(self.opts.audit_every);
+        if every == 0 || runs < every {
+            return Ok(true);
+        }
+        let seed = jiff::Timestamp::now().as_nanosecond() as u64;
+        let sample = cbt::sample_unchanged(changed, dev.len(), AUDIT_BLOCKS, seed);
+        let (mut a, mut b) = (vec![0u8; cbt::BLOCK as usize], vec![0u8; cbt::BLOCK as usize]);
+        for &at in &sample {
+            dev.read_at(at, &mut a).map_err(|e| Error::io(format!("CBT audit of {name} at {at}"), e))?;
+            parent.read_at(at, &mut b).map_err(|e| Error::io(format!("CBT audit of {name} at {at}"), e))?;
+            if a != b {
+                self.say(
+                    "error",
+                    format!(
+                        "CBT audit FAILED for {name}: the block at {at} changed but CBT says it did not; \
+                         reading the whole disk (check the SR's CBT; the previous backups of this disk \
+                         may be wrong from here)"
+                    ),
+                );
+                return Ok(false);
+            }
+        }
+        self.say("info", format!("CBT audit of {name}: {} unchanged blocks re-read, all equal", sample.len()));
+        if let Some(v) = self.cbt.get_mut(name) {
+            v["runs"] = json!(0);
+        }
+        Ok(true)
     }
 
     /// Where to read VDI `vdi` over NBD, when the transport allows and the pool offers it.
@@ -415,9 +605,11 @@ fn add_sr(client: &Client, bundle: &mut Bundle, vdi_rec: &Value) {
     }
 }
 
-/// Destroy the snapshot VM and its disks (and memory image). Errors are logged, not
-/// returned: a backup that succeeded stays a success.
-fn cleanup(client: &Client, vm_name: &str, snap: &Snap, log: Log<'_>) {
+/// Destroy the snapshot VM and its disks (and memory image) — except, after a successful
+/// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
+/// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are
+/// logged, not returned: a backup that succeeded stays a success.
+fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log: Log<'_>) {
     let mut vdis = Vec::new();
     if let Ok(rec) = client.call("VM.get_record", &[json!(snap.r#ref)]) {
         for vbd in list(&rec, "VBDs") {
@@ -434,38 +626,51 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, log: Log<'_>) {
     }
     let gone =
         |r: &Result<Value>| matches!(r, Ok(_)) || r.as_ref().err().and_then(Error::code) == Some("HANDLE_INVALID");
+    let warn = |what: &str, r: Result<Value>| {
+        let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+        line(log, vm_name, "cleanup", "warning", format!("could not {what}: {e}"));
+    };
     let r = client.call("VM.destroy", &[json!(snap.r#ref)]);
     if !gone(&r) {
-        line(
-            log,
-            vm_name,
-            "cleanup",
-            "warning",
-            format!("could not destroy the snapshot: {}", r.err().map(|e| e.to_string()).unwrap_or_default()),
-        );
+        warn("destroy the snapshot", r);
     }
-    let mut failed = 0;
+    let kept: Vec<&String> = keep.map(|k| k.vdis.iter().map(|(r, _)| r).collect()).unwrap_or_default();
+    let (mut failed, mut bases) = (0, 0);
     for vdi in &vdis {
-        let mut r = client.call("VDI.destroy", &[json!(vdi)]);
+        let base = kept.contains(&vdi);
+        let call = if base { "VDI.data_destroy" } else { "VDI.destroy" };
+        let mut r = client.call(call, &[json!(vdi)]);
         for _ in 0..3 {
             if r.as_ref().err().and_then(Error::code) != Some("VDI_IN_USE") {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
+            r = client.call(call, &[json!(vdi)]);
+        }
+        if base && r.is_err() {
+            // Not kept after all: the next backup reads this disk in full.
+            let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+            line(log, vm_name, "cleanup", "warning", format!("could not keep a CBT base ({e}); destroying it"));
             r = client.call("VDI.destroy", &[json!(vdi)]);
+        } else if base {
+            bases += 1;
+            continue;
         }
         if !gone(&r) {
             failed += 1;
-            line(
-                log,
-                vm_name,
-                "cleanup",
-                "warning",
-                format!("could not destroy a snapshot disk: {}", r.err().map(|e| e.to_string()).unwrap_or_default()),
-            );
+            warn("destroy a snapshot disk", r);
+        }
+    }
+    for uuid in keep.map(|k| k.old_bases.as_slice()).unwrap_or_default() {
+        if let Ok(r) = client.call("VDI.get_by_uuid", &[json!(uuid)]) {
+            let d = client.call("VDI.destroy", &[r]);
+            if !gone(&d) {
+                warn(&format!("destroy the previous CBT base {uuid}"), d);
+            }
         }
     }
     if failed == 0 {
-        line(log, vm_name, "cleanup", "info", format!("snapshot and {} disk(s) destroyed", vdis.len()));
+        let kept = if bases > 0 { format!(", {bases} kept as CBT base(s)") } else { String::new() };
+        line(log, vm_name, "cleanup", "info", format!("snapshot and {} disk(s) destroyed{kept}", vdis.len() - bases));
     }
 }

@@ -11,6 +11,7 @@
 //! for a backup that is bound by the archive's hashing and compression.
 
 pub mod backup;
+pub mod cbt;
 pub mod error;
 pub mod nbd;
 pub mod restore;

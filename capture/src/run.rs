@@ -75,7 +75,7 @@ pub struct Report {
 /// Select, snapshot, transfer.
 pub fn run(
     client: &Arc<Client>,
-    repo: &Repository,
+    repo: &Arc<Repository>,
     sel: &Selection,
     opts: &Options,
     limits: &Arc<Limits>,

@@ -142,6 +142,17 @@ pub struct BackupArgs {
     /// insecure_nbd purpose), else HTTP; or only one of them.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     pub transport: TransportArg,
+    /// Changed block tracking: enable it on the disks, keep each disk's snapshot as a
+    /// cbt_metadata VDI, and read only the blocks changed since the previous backup.
+    #[arg(long)]
+    pub cbt: bool,
+    /// Read every block (a new baseline), whatever CBT says.
+    #[arg(long)]
+    pub full: bool,
+    /// With --cbt: every N incremental backups of a disk, re-read a sample of unchanged
+    /// blocks and compare them with the previous backup (0: never).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub cbt_audit_every: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -239,7 +250,7 @@ fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
     if sel.is_empty() {
         bail!("say which VMs: --vm NAME, --name PATTERN, --tag TAG or --all");
     }
-    let repo = ctx.open()?;
+    let repo = Arc::new(ctx.open()?);
     let client = a.pool.connect()?;
     let opts = capture::backup::Options {
         memory: a.memory,
@@ -248,6 +259,9 @@ fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
         workers: 0,
         cancel: interrupt_flag(),
         transport: a.transport.into(),
+        cbt: a.cbt,
+        full: a.full,
+        audit_every: a.cbt_audit_every,
     };
     let limits = capture::run::Limits::new(a.vms_at_once, a.snapshots_at_once, a.exports_at_once);
     let start = Instant::now();

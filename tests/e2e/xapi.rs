@@ -417,3 +417,128 @@ fn xapi_nbd_reconnects_after_a_drop_and_fails_cleanly_when_it_keeps_dropping() {
     assert!(report["vms"][0]["error"].as_str().unwrap().contains("offers no NBD"), "{report}");
     assert!(stderr(&http.ok("backup", &["--vm", "mail"])).contains("over HTTP"));
 }
+
+const CBT_SCENARIO: &str = r#"
+[[network]]
+name = "lan"
+purpose = ["insecure_nbd"]
+[[vm]]
+name = "web"
+seed = 11
+[[vm.disk]]
+size = "64MiB"
+data = 0.6
+[[vm.disk]]
+size = "4MiB"
+data = 0.5
+"#;
+
+impl Pool {
+    /// Backup of web with `args`: the report's VM entry and the log.
+    fn backup_web(&self, args: &[&str]) -> (Value, String) {
+        let out = self.ok("backup", &[&["--vm", "web", "--json"], args].concat());
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (report["vms"][0].clone(), stderr(&out))
+    }
+
+    fn cbt_bases(&self) -> Vec<String> {
+        let st = self.sim.state();
+        let mut v: Vec<String> = st
+            .db
+            .all("VDI")
+            .filter(|(_, r)| r["type"] == "cbt_metadata")
+            .map(|(_, r)| r["uuid"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn assert_web_identical(&self, when: &str) {
+        for (i, (_, bytes)) in self.disks("web").iter().enumerate() {
+            let name = format!("web@latest:xvd{}", (b'a' + i as u8) as char);
+            let got = self.env.cmd().args(["cat", &name]).output().unwrap().stdout;
+            assert!(got == *bytes, "{when}: {name} differs from the pool's disk");
+        }
+    }
+
+    /// Write `blocks` 64 KiB blocks of web's first disk, as the guest would (CBT sees them).
+    fn write_blocks(&self, blocks: &[u64], untracked: bool) {
+        let uuid = self.disk_uuid("web", 0);
+        let mut st = self.sim.state();
+        let d = st.disks.get_mut(&uuid).unwrap();
+        for &b in blocks {
+            let mut data = vec![0u8; 65536];
+            xapi_sim::disk::fill(b ^ 0xabc, b * 65536, &mut data);
+            if untracked {
+                d.write_untracked(b * 65536, &data).unwrap();
+            } else {
+                d.write(b * 65536, &data).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn xapi_cbt_reads_only_changed_blocks_and_falls_back_with_a_reason() {
+    let pool = Pool::start(CBT_SCENARIO, |_| {});
+    // First CBT backup: CBT turned on, everything read, the snapshots kept as bases.
+    let (vm, log) = pool.backup_web(&["--cbt"]);
+    assert_eq!(vm["status"], "success", "{vm}");
+    assert!(log.contains("CBT enabled on xvda") && log.contains("CBT enabled on xvdb"), "{log}");
+    assert!(log.contains("reading all of xvda: the previous backup kept no CBT base"), "{log}");
+    assert!(log.contains("2 kept as CBT base(s)"), "{log}");
+    let bases = pool.cbt_bases();
+    assert_eq!(bases.len(), 2);
+    assert_eq!(pool.snapshots_on_pool(), 0);
+
+    // 1 % of xvda's 1024 blocks written: the next backup reads exactly those 10 blocks.
+    let changed: Vec<u64> = (0..10).map(|i| 7 + i * 101).collect();
+    pool.write_blocks(&changed, false);
+    let (vm, log) = pool.backup_web(&["--cbt", "--cbt-audit-every", "0"]);
+    assert!(log.contains("CBT: xvda: 655360 bytes in 10 changed range(s)"), "{log}");
+    assert!(log.contains("CBT: xvdb: 0 bytes in 0 changed range(s)"), "{log}");
+    assert_eq!(vm["bytes_read"], 10 * 65536, "only the changed blocks crossed the network: {vm}");
+    pool.assert_web_identical("after a CBT backup");
+    let new_bases = pool.cbt_bases();
+    assert_eq!(new_bases.len(), 2, "the previous bases are destroyed: {new_bases:?}");
+    assert!(new_bases.iter().all(|b| !bases.contains(b)));
+
+    // An audit re-reads unchanged blocks and finds them equal.
+    pool.write_blocks(&[500], false);
+    let (vm, log) = pool.backup_web(&["--cbt", "--cbt-audit-every", "1"]);
+    assert!(log.contains("CBT audit of xvda: 32 unchanged blocks re-read, all equal"), "{log}");
+    assert_eq!(vm["bytes_read"], 65536 + 2 * 32 * 65536, "{vm}");
+    pool.assert_web_identical("after an audit");
+
+    // A change CBT missed: the audit catches it and reads the whole disk.
+    pool.write_blocks(&(0..1024).step_by(4).collect::<Vec<_>>(), true);
+    let (_, log) = pool.backup_web(&["--cbt", "--cbt-audit-every", "1"]);
+    assert!(log.contains("CBT audit FAILED for xvda"), "{log}");
+    pool.assert_web_identical("after a failed audit");
+
+    // CBT reset (disabled and enabled again: a new chain): full read, with the reason.
+    let uuid = pool.disk_uuid("web", 0);
+    let vdi = pool.sim.state().db.find("VDI", "uuid", &uuid).unwrap();
+    xapi_sim::api::dispatch_internal(&pool.sim, "VDI.disable_cbt", &[Value::from(vdi.clone())]).unwrap();
+    pool.write_blocks(&[3], false);
+    let (vm, log) = pool.backup_web(&["--cbt"]);
+    assert!(log.contains("CBT enabled on xvda"), "{log}");
+    assert!(
+        log.contains("reading all of xvda: list_changed_blocks refused") && log.contains("SR_BACKEND_FAILURE_460"),
+        "{log}"
+    );
+    assert!(vm["bytes_read"].as_u64().unwrap() >= 32 << 20, "a full read of xvda: {vm}");
+    pool.assert_web_identical("after a CBT reset");
+
+    // A base gone from the pool, and --full: full reads, said why.
+    let base = pool.cbt_bases()[0].clone();
+    let r = pool.sim.state().db.find("VDI", "uuid", &base).unwrap();
+    xapi_sim::api::dispatch_internal(&pool.sim, "VDI.destroy", &[Value::from(r)]).unwrap();
+    let (_, log) = pool.backup_web(&["--cbt"]);
+    assert!(log.contains("is gone from the pool (CBT reset)"), "{log}");
+    let (_, log) = pool.backup_web(&["--cbt", "--full"]);
+    assert!(log.contains("reading all of xvda: --full asks for a new baseline"), "{log}");
+    pool.assert_web_identical("after --full");
+    assert_eq!(pool.cbt_bases().len(), 2);
+    pool.env.ok(&["check", "--read-data"]);
+}
