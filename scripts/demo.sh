@@ -62,6 +62,7 @@ cat > demo/pool.toml <<'TOML'
 name = "demo pool"
 [[network]]
 name = "Pool-wide network associated with eth0"
+purpose = ["nbd"]     # disks are read over NBD, with TLS
 [[vm]]
 name = "web01"
 tags = ["prod"]
@@ -106,8 +107,12 @@ host=$(grep -o 'https://[0-9.:]*' demo/sim.log)
 pin=$(grep -o 'sha256:[0-9a-f]*' demo/sim.log)
 export VMVAULT_XAPI_HOST=$host VMVAULT_XAPI_PASSWORD=password
 vmvault xapi vms --fingerprint "$pin"
-echo "== vmvault xapi backup --tag prod --exclude-tag no-backup --memory"
-vmvault xapi backup --fingerprint "$pin" --tag prod --exclude-tag no-backup --memory
+echo "== vmvault xapi backup --tag prod --exclude-tag no-backup --memory --cbt"
+vmvault xapi backup --fingerprint "$pin" --tag prod --exclude-tag no-backup --memory --cbt
+echo "== the guest of db01 writes 1 MiB; the next backup reads only the changed blocks (CBT)"
+python3 -c 'import sys, urllib.request as u; print(u.urlopen(u.Request(sys.argv[1], method="POST")).read().decode())' \
+    "http://${host#https://}/sim/write?vm=db01&disk=0&offset=4194304&len=1048576&seed=7"
+vmvault xapi backup --fingerprint "$pin" --vm db01 --cbt
 vmvault snapshots
 echo "== files inside web01's disk, as captured from the pool"
 vmvault ls web01@latest:/xvda/p1/ | head
