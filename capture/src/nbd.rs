@@ -33,6 +33,8 @@ const MAX_REQUEST: u64 = 2 << 20;
 /// Largest option reply payload accepted (the server's strings are short).
 const MAX_REPLY: u32 = 64 << 10;
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Most replies accepted for one GO (a server sends a handful).
+const MAX_INFOS: usize = 64;
 
 /// TLS for an NBD connection.
 #[derive(Clone, Debug)]
@@ -145,15 +147,7 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(TIMEOUT))?;
     tcp.set_write_timeout(Some(TIMEOUT))?;
-    let mut g = [0u8; 18];
-    tcp.read_exact(&mut g).map_err(|e| closed(t, e, "before its greeting"))?;
-    let flags = proto::parse_greeting(&g).map_err(|e| bad(t, format!("not a newstyle NBD server ({e})")))?;
-    if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(bad(t, "the server does not speak fixed newstyle NBD"));
-    }
-    let no_zeroes = flags & proto::FLAG_NO_ZEROES != 0;
-    let cflags = proto::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_C_NO_ZEROES } else { 0 };
-    tcp.write_all(&cflags.to_be_bytes())?;
+    let no_zeroes = greet(&mut tcp, t)?;
     let s: Box<dyn Io> = match &t.tls {
         None => Box::new(tcp),
         Some(tls) => {
@@ -175,18 +169,41 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
             Box::new(st)
         }
     };
+    negotiate(s, t, no_zeroes, permit)
+}
+
+/// Read the server's greeting and answer it; true when both sides skip the 124 zeros.
+fn greet(s: &mut dyn Io, t: &Target) -> io::Result<bool> {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).map_err(|e| closed(t, e, "before its greeting"))?;
+    let flags = proto::parse_greeting(&g).map_err(|e| bad(t, format!("not a newstyle NBD server ({e})")))?;
+    if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(bad(t, "the server does not speak fixed newstyle NBD"));
+    }
+    let no_zeroes = flags & proto::FLAG_NO_ZEROES != 0;
+    let cflags = proto::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_C_NO_ZEROES } else { 0 };
+    send(s, &cflags.to_be_bytes())?;
+    Ok(no_zeroes)
+}
+
+/// Select the export (GO, or EXPORT_NAME when the server knows no GO).
+fn negotiate(s: Box<dyn Io>, t: &Target, no_zeroes: bool, permit: Option<Permit>) -> io::Result<Conn> {
     let mut conn = Conn { s, size: 0, flags: 0, min_block: 1, max_request: MAX_REQUEST, cookie: 0, _permit: permit };
     let go = proto::info_request(&t.export, &[proto::INFO_BLOCK_SIZE]);
     send(&mut *conn.s, &proto::option_request(proto::OPT_GO, &go))?;
-    let mut export = None;
-    loop {
+    let (mut export, mut selected) = (None, false);
+    for _ in 0..MAX_INFOS {
         let s = &mut *conn.s;
         let (rep, data) = option_reply(s, t, proto::OPT_GO)?;
         match rep {
             proto::REP_INFO => match proto::parse_info(&data).map_err(|e| bad(t, e))? {
                 proto::Info::Export { size, flags } => export = Some((size, flags)),
                 proto::Info::BlockSize { min, max, .. } => {
-                    conn.min_block = u64::from(min.max(1));
+                    // The protocol's bounds: a power of two up to 64 KiB, at most the maximum.
+                    if !min.is_power_of_two() || min > 65536 || max < min {
+                        return Err(bad(t, format!("block sizes min {min}, max {max}")));
+                    }
+                    conn.min_block = u64::from(min);
                     conn.max_request = MAX_REQUEST.min(u64::from(max)).max(conn.min_block);
                 }
                 proto::Info::Other(_) => {}
@@ -194,6 +211,7 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
             proto::REP_ACK => {
                 let (size, flags) = export.ok_or_else(|| bad(t, "GO acknowledged without the export's size"))?;
                 (conn.size, conn.flags) = (size, flags);
+                selected = true;
                 break;
             }
             proto::REP_ERR_UNSUP => {
@@ -212,6 +230,7 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
                 if conn.min_block == 1 {
                     conn.min_block = 512; // XAPI's sector size: it refuses smaller reads.
                 }
+                selected = true;
                 break;
             }
             r if r & 0x8000_0000 != 0 => {
@@ -221,6 +240,9 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
             }
             _ => {} // a reply type this client did not ask for: skip it
         }
+    }
+    if !selected {
+        return Err(bad(t, format!("more than {MAX_INFOS} replies to one option")));
     }
     Ok(conn)
 }
@@ -289,6 +311,42 @@ impl Conn {
         self.cookie += 1;
         let req = proto::Request { flags: 0, command: proto::CMD_DISC, cookie: self.cookie, offset: 0, length: 0 };
         let _ = send(&mut *self.s, &req.to_bytes());
+    }
+}
+
+/// An NBD session over a stream the caller opened (a Unix socket, a pipe to `nbd-server -`
+/// style helpers, or test bytes): no TLS, no reconnecting.
+pub struct Session {
+    conn: Conn,
+    target: Target,
+    received: AtomicU64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({:?}, {} bytes)", self.target, self.conn.size)
+    }
+}
+
+impl Session {
+    /// Greet the server on `stream` and select `export`.
+    pub fn over(stream: impl Read + Write + Send + 'static, export: &str) -> io::Result<Session> {
+        let target = Target { addr: "stream".into(), export: export.into(), label: "export".into(), tls: None };
+        let mut s: Box<dyn Io> = Box::new(stream);
+        let no_zeroes = greet(&mut *s, &target)?;
+        let conn = negotiate(s, &target, no_zeroes, None)?;
+        Ok(Session { conn, target, received: AtomicU64::new(0) })
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.conn.size
+    }
+
+    /// Read `buf.len()` bytes at `offset`; the range must lie inside the export.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        blockdev::check_range(self.conn.size, offset, buf.len() as u64)?;
+        self.conn.read(&self.target, offset, buf, &self.received)
     }
 }
 

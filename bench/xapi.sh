@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Usage: bench/xapi.sh WORKDIR [VMVAULT_BIN]
+#
+# Capture from a pool (issue 5): the 2 GiB corpus disk (WORKDIR/day0.img, bench/corpus.sh) as
+# the disk of a VM in the XAPI simulator on loopback, backed up into a fresh repository by
+#   - local:    `vmvault backup` reading the image file itself (the baseline),
+#   - nbd:      `vmvault xapi backup --transport nbd` (plain NBD, purpose insecure_nbd),
+#   - nbd-tls:  the same against a second simulator whose network has purpose nbd (TLS),
+#   - http:     `vmvault xapi backup --transport http` (/export_raw_vdi, raw),
+# and, from one `--cbt` baseline, `--cbt` incrementals after the guest wrote 1 % of the disk's
+# 64 KiB blocks (random blocks, through the simulator's write hook; new blocks each run).
+# RUNS times each (default 3), wall time and peak RSS (/usr/bin/time), min / median / max,
+# MB/s of the disk's 2 GiB. Targets: NBD and HTTP close to the local read; a CBT incremental
+# with 1 % changed ≤ 3 % of the full NBD backup's time. Page cache warm (the simulator's
+# layer files and the image are read once first). Writes a markdown report to stdout and
+# WORKDIR/xapi-results.md, raw values to WORKDIR/xapi-results.tsv.
+# Env: RUNS (default 3).
+set -euo pipefail
+
+name=xapi.sh
+# shellcheck source=bench/common.sh
+source "$(dirname -- "$0")/common.sh"
+runs=${RUNS:-3}
+[[ -x $vmvault ]] || die "no vmvault binary (${vmvault:-none found}); build with cargo build --release"
+sim_bin=$(dirname -- "$vmvault")/xapi-sim
+[[ -x $sim_bin ]] || die "no xapi-sim next to $vmvault; build with cargo build --release"
+[[ -x /usr/bin/time ]] || { apt-get update -qq && apt-get install -y -qq time >&2; }
+
+dir=$work/xapi
+tsv=$work/xapi-results.tsv
+rm -rf "$dir" && mkdir -p "$dir"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf -- "$dir"' EXIT
+
+# start PURPOSE: a simulator whose VM "big" has day0.img as its disk; sets $url.
+start() {
+    local d=$dir/sim-$1
+    mkdir -p "$d"
+    cat >"$d/pool.toml" <<TOML
+[[network]]
+name = "lan"
+purpose = ["$1"]
+[[vm]]
+name = "big"
+seed = 1
+[[vm.disk]]
+image = "$work/day0.img"
+TOML
+    "$sim_bin" --listen 127.0.0.1:0 --scenario "$d/pool.toml" --data-dir "$d" >"$d/log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 600); do grep -q listening "$d/log" && break; sleep 0.1; done
+    grep -q listening "$d/log" || die "the simulator did not start: $(cat "$d/log")"
+    url=$(grep -o 'http://[0-9.:]*' "$d/log")
+}
+log "loading the 2 GiB image into two simulators"
+start insecure_nbd
+plain=$url
+start nbd
+tls=https://${url#http://}
+export VMVAULT_XAPI_PASSWORD=password VMVAULT_PASSWORD=bench
+
+printf 'case\trun\tseconds\tmax_rss_kib\tbytes_read\n' >"$tsv"
+# timed CASE RUN REPO COMMAND...: time a backup into a repository made just before.
+timed() {
+    local c=$1 r=$2 repo=$3
+    shift 3
+    /usr/bin/time -f '%e %M' -o "$dir/time" "$@" --json >"$dir/out.json" 2>"$dir/err" ||
+        die "$c run $r failed: $(tail -5 "$dir/err")"
+    read -r secs rss <"$dir/time"
+    local read
+    read=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["vms"][0]["bytes_read"] if "vms" in d else d["snapshot"]["summary"]["read_bytes"])' "$dir/out.json")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$r" "$secs" "$rss" "$read" >>"$tsv"
+}
+fresh() {
+    rm -rf "$dir/repo"
+    "$vmvault" -r "$dir/repo" init -q >/dev/null
+    echo "$dir/repo"
+}
+cat "$work/day0.img" >/dev/null
+for r in $(seq "$runs"); do
+    repo=$(fresh)
+    timed local "$r" "$repo" "$vmvault" -r "$repo" backup -q --vm big xvda="$work/day0.img"
+    repo=$(fresh)
+    timed nbd "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport nbd
+    repo=$(fresh)
+    timed nbd-tls "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$tls" --insecure --vm big --transport nbd
+    repo=$(fresh)
+    timed http "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport http
+done
+# The last http repository holds a backup of the disk; check it once against the image.
+"$vmvault" -r "$dir/repo" cat big@latest:xvda | cmp - "$work/day0.img" || die "the captured disk differs from day0.img"
+
+repo=$(fresh)
+"$vmvault" -r "$repo" xapi backup -q --host "$plain" --vm big --cbt >/dev/null 2>&1 || die "CBT baseline failed"
+for r in $(seq "$runs"); do
+    python3 - "$plain" "$r" <<'PY'
+import random, sys, urllib.request
+url, run = sys.argv[1], int(sys.argv[2])
+blocks = (2 << 30) // 65536
+rng = random.Random(run)
+for b in rng.sample(range(blocks), blocks // 100):
+    q = f"{url}/sim/write?vm=big&disk=0&offset={b * 65536}&len=65536&seed={run * 100000 + b}"
+    urllib.request.urlopen(urllib.request.Request(q, method="POST")).read()
+PY
+    timed cbt-1pct "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --cbt --cbt-audit-every 0
+done
+grep -q "changed range" "$dir/err" || die "the CBT run did not use CBT: $(cat "$dir/err")"
+"$vmvault" -r "$repo" cat big@latest:xvda >"$dir/cbt.raw"
+python3 - "$plain" "$dir/cbt.raw" <<'PY' || die "the CBT backup differs from the simulator's disk"
+import sys, urllib.request
+want = urllib.request.urlopen(f"{sys.argv[1]}/sim/disk?vm=big&disk=0").read()
+sys.exit(0 if open(sys.argv[2], "rb").read() == want else 1)
+PY
+
+python3 - "$tsv" "$work/xapi-results.md" <<'PY'
+import sys, statistics as st
+rows = [l.rstrip('\n').split('\t') for l in open(sys.argv[1])][1:]
+def vals(case, col):
+    return [float(r[col]) for r in rows if r[0] == case]
+size = 2 << 30
+local = st.median(vals("local", 2))
+full = st.median(vals("nbd", 2))
+out = ["| case | time s (min / median / max) | MB/s (median) | read from the source MiB (median) | peak RSS MiB (median) | vs local (median) | vs NBD full (median) |",
+       "|---|---|---|---|---|---|---|"]
+for case in ("local", "nbd", "nbd-tls", "http", "cbt-1pct"):
+    t = vals(case, 2)
+    m = st.median(t)
+    out.append(f"| {case} | {min(t):.2f} / {m:.2f} / {max(t):.2f} | {size / m / 1e6:.0f} | "
+               f"{st.median(vals(case, 4)) / 2**20:.0f} | {st.median(vals(case, 3)) / 1024:.0f} | "
+               f"{m / local:.2f}× | {m / full * 100:.1f} % |")
+text = "\n".join(out) + "\n"
+open(sys.argv[2], "w").write(text)
+print(text)
+PY
