@@ -605,6 +605,28 @@ fn add_sr(client: &Client, bundle: &mut Bundle, vdi_rec: &Value) {
     }
 }
 
+/// Destroy the snapshots a previous run of job `job` left on the pool (a killed process
+/// cannot clean up): snapshot VMs whose `other_config` names the job, with their disks.
+/// Returns how many were found.
+pub fn sweep_leftovers(client: &Client, job: &str, log: Log<'_>) -> Result<usize> {
+    let vms = client.call("VM.get_all_records", &[])?;
+    let mut n = 0;
+    for (r, rec) in vms.as_object().into_iter().flatten() {
+        if flag(rec, "is_a_snapshot") && rec["other_config"]["vmvault:job"].as_str() == Some(job) {
+            line(
+                log,
+                s(rec, "name_label"),
+                "cleanup",
+                "warning",
+                "a snapshot left by an interrupted run: destroying it".into(),
+            );
+            cleanup(client, s(rec, "name_label"), &Snap { r#ref: r.clone(), checkpoint: false }, None, log);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Destroy the snapshot VM and its disks (and memory image) — except, after a successful
 /// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
 /// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are

@@ -273,6 +273,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Overlay(c) => crate::overlay::run(&ctx, c),
         Command::BenchStages(a) => crate::stages::run(a, ctx.json),
         Command::Xapi(c) => crate::xapi::run(&ctx, c),
+        Command::Job(c) => crate::job::run(&ctx, c),
     }
 }
 
@@ -451,12 +452,7 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
     let lock = repo.lock(archive::lock::LockKind::Shared, "forget")?;
     let tz = repo.time_zone(a.time_zone.as_deref())?;
     // Held snapshots (overlay bases) are kept whatever the rules say.
-    let mut held: std::collections::HashMap<archive::SnapshotId, String> = std::collections::HashMap::new();
-    for (_, h) in archive::hold::holds(&repo)? {
-        if let Ok(id) = h.snapshot.parse() {
-            held.entry(id).and_modify(|r: &mut String| r.push_str(&format!("; {}", h.reason))).or_insert(h.reason);
-        }
-    }
+    let held = held_snapshots(&repo)?;
     let plan: Vec<(SnapshotEntry, Decision)> = if !a.ids.is_empty() {
         if !policy.is_empty() {
             anyhow::bail!("give snapshot ids or --keep-* rules, not both");
@@ -483,14 +479,7 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
                 "no --keep-* rule given, so nothing would be removed; give rules (e.g. --keep-daily 7) or snapshot ids"
             );
         }
-        let mut plan = archive::retention::plan(repo.list_snapshots()?, a.vm.as_deref(), &policy, &tz)?;
-        for (e, d) in &mut plan {
-            if let Some(h) = held.get(&e.id) {
-                d.keep = true;
-                d.reasons.push(format!("held: {h}"));
-            }
-        }
-        plan
+        retention_plan(&repo, a.vm.as_deref(), &policy, &tz)?
     };
     let forgotten: std::collections::HashSet<archive::SnapshotId> =
         plan.iter().filter(|(_, d)| !d.keep).map(|(e, _)| e.id).collect();
@@ -552,6 +541,36 @@ fn forget(ctx: &Ctx, a: ForgetArgs) -> Result<()> {
         return crate::prune::pending_is_error(&report);
     }
     Ok(())
+}
+
+/// The retention rules applied to the repository's snapshots (of VM `vm` only, when given),
+/// held snapshots (overlay bases) kept whatever the rules say. What `forget` and jobs run.
+pub(crate) fn retention_plan(
+    repo: &archive::Repository,
+    vm: Option<&str>,
+    policy: &archive::retention::Policy,
+    tz: &jiff::tz::TimeZone,
+) -> Result<Vec<(SnapshotEntry, archive::retention::Decision)>> {
+    let held = held_snapshots(repo)?;
+    let mut plan = archive::retention::plan(repo.list_snapshots()?, vm, policy, tz)?;
+    for (e, d) in &mut plan {
+        if let Some(h) = held.get(&e.id) {
+            d.keep = true;
+            d.reasons.push(format!("held: {h}"));
+        }
+    }
+    Ok(plan)
+}
+
+/// Held snapshots and why.
+fn held_snapshots(repo: &archive::Repository) -> Result<std::collections::HashMap<archive::SnapshotId, String>> {
+    let mut held: std::collections::HashMap<archive::SnapshotId, String> = std::collections::HashMap::new();
+    for (_, h) in archive::hold::holds(repo)? {
+        if let Ok(id) = h.snapshot.parse() {
+            held.entry(id).and_modify(|r: &mut String| r.push_str(&format!("; {}", h.reason))).or_insert(h.reason);
+        }
+    }
+    Ok(held)
 }
 
 /// Split `SNAPSHOT:STREAM` at the last colon.

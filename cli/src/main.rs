@@ -6,6 +6,7 @@ mod commands;
 mod export;
 mod human;
 mod import;
+mod job;
 mod mount;
 mod overlay;
 mod password;
@@ -91,6 +92,10 @@ pub enum Command {
     /// Back up VMs from a XenServer / XCP-ng pool, or restore one to a pool.
     #[command(subcommand)]
     Xapi(xapi::XapiCommand),
+    /// Run backup jobs from a job file (pool, selection, mode, limits, retention) with run
+    /// logs, or show past runs.
+    #[command(subcommand)]
+    Job(job::JobCommand),
     /// Measure each backup pipeline stage alone (chunk, hash, compress, encrypt).
     BenchStages(stages::StagesArgs),
 }

@@ -542,3 +542,93 @@ fn xapi_cbt_reads_only_changed_blocks_and_falls_back_with_a_reason() {
     assert_eq!(pool.cbt_bases().len(), 2);
     pool.env.ok(&["check", "--read-data"]);
 }
+
+#[test]
+fn xapi_jobs_log_every_run_apply_retention_and_show_interrupted_runs() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    let jobs = format!(
+        r#"
+[pool.sim]
+host = "{}"
+
+[job.prod]
+pool = "sim"
+tags = ["prod"]
+memory = true
+[job.prod.retention]
+keep_last = 2
+
+[job.lab]
+pool = "sim"
+vms = ["test"]
+"#,
+        pool.url
+    );
+    std::fs::write(pool.env.path("jobs.toml"), jobs).unwrap();
+    let logs = pool.env.path("logs");
+    let logs = logs.to_str().unwrap();
+    let job = |args: &[&str]| {
+        let mut c = pool.env.cmd();
+        c.env("VMVAULT_XAPI_PASSWORD", "password").args(["job"]).args(args).args(["--log-dir", logs]);
+        c.output().unwrap()
+    };
+    for _ in 0..3 {
+        let out = job(&["run", "jobs.toml"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Retention kept the last 2 of each prod VM; the lab job has none.
+    let snaps = pool.env.json(&["snapshots"]);
+    let count = |vm: &str| snaps.as_array().unwrap().iter().filter(|s| s["vm"] == vm).count();
+    assert_eq!((count("web"), count("db"), count("mail"), count("test")), (2, 2, 2, 3), "{snaps}");
+
+    let out = job(&["log", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 6);
+    assert!(runs.iter().all(|r| r["status"] == "success"), "{runs:?}");
+    let prod: Vec<&Value> = runs.iter().filter(|r| r["job"] == "prod").collect();
+    assert_eq!(prod.len(), 3);
+    let vms = prod[0]["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 3);
+    assert!(vms.iter().all(|v| v["status"] == "success" && v["bytes_read"].as_u64().unwrap() > 0), "{vms:?}");
+    assert!(prod[2]["lines"].as_array().unwrap().iter().any(|l| l["event"] == "retention"));
+    let id = prod[0]["run"].as_str().unwrap();
+    let out = job(&["log", "--job", "prod", "--run", id]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("job prod run {id}")) && said.contains("success") && said.contains("checkpoint taken"),
+        "{said}"
+    );
+
+    // A run killed midway shows as interrupted at the next `job log`.
+    pool.sim.hooks.lock().unwrap().set_delay(std::time::Duration::from_millis(400));
+    let mut c = pool.env.cmd();
+    c.env("VMVAULT_XAPI_PASSWORD", "password").args(["job", "run", "jobs.toml", "--job", "prod", "--log-dir", logs]);
+    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let dir = pool.env.path("logs/prod");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&dir).unwrap().count() < 4 && started.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = job(&["log", "--job", "prod"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.lines().count(), 4, "{said}");
+    assert!(said.lines().last().unwrap().contains("interrupted"), "{said}");
+    pool.sim.hooks.lock().unwrap().set_delay(std::time::Duration::ZERO);
+    // The killed run could not clean up; the next run of the job does.
+    assert!(pool.snapshots_on_pool() > 0, "a snapshot was left by the killed run");
+    let out = job(&["run", "jobs.toml", "--job", "prod"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stderr(&out).contains("left by an interrupted run"), "{}", text(&out));
+    assert_eq!(pool.snapshots_on_pool(), 0);
+
+    // A job file with a mistake: one clear line.
+    std::fs::write(pool.env.path("bad.toml"), "[job.x]\npool = \"nope\"\ntags = [\"a\"]\n").unwrap();
+    let out = job(&["run", "bad.toml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no [pool.nope]"), "{}", text(&out));
+}
