@@ -7,8 +7,9 @@
 #   - nbd:      `vmvault xapi backup --transport nbd` (plain NBD, purpose insecure_nbd),
 #   - nbd-tls:  the same against a second simulator whose network has purpose nbd (TLS),
 #   - http:     `vmvault xapi backup --transport http` (/export_raw_vdi, raw),
-# and, from one `--cbt` baseline, `--cbt` incrementals after the guest wrote 1 % of the disk's
-# 64 KiB blocks (random blocks, through the simulator's write hook; new blocks each run).
+# and, from one `--cbt` baseline, `--cbt` incrementals after the guest wrote 1 % of the disk
+# through the simulator's write hook (new places each run): `scattered` = random 64 KiB
+# blocks, `clustered` = random 1 MiB runs (the chunk size: a file rewritten whole).
 # RUNS times each (default 3), wall time and peak RSS (/usr/bin/time), min / median / max,
 # MB/s of the disk's 2 GiB. Targets: NBD and HTTP close to the local read; a CBT incremental
 # with 1 % changed ≤ 3 % of the full NBD backup's time. Page cache warm (the simulator's
@@ -93,16 +94,22 @@ done
 repo=$(fresh)
 "$vmvault" -r "$repo" xapi backup -q --host "$plain" --vm big --cbt >/dev/null 2>&1 || die "CBT baseline failed"
 for r in $(seq "$runs"); do
-    python3 - "$plain" "$r" <<'PY'
+    for shape in scattered clustered; do
+        python3 - "$plain" "$r" "$shape" <<'PY'
 import random, sys, urllib.request
-url, run = sys.argv[1], int(sys.argv[2])
+url, run, shape = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 blocks = (2 << 30) // 65536
-rng = random.Random(run)
-for b in rng.sample(range(blocks), blocks // 100):
-    q = f"{url}/sim/write?vm=big&disk=0&offset={b * 65536}&len=65536&seed={run * 100000 + b}"
+rng = random.Random(run * 2 + (shape == "clustered"))
+if shape == "scattered":   # 1 % of the 64 KiB blocks, anywhere
+    writes = [(b * 65536, 65536) for b in rng.sample(range(blocks), blocks // 100)]
+else:                      # 1 % of the disk as 1 MiB runs (files rewritten whole)
+    writes = [(m << 20, 1 << 20) for m in rng.sample(range(2048), 2048 // 100)]
+for off, n in writes:
+    q = f"{url}/sim/write?vm=big&disk=0&offset={off}&len={n}&seed={run * 100000 + off // 65536}"
     urllib.request.urlopen(urllib.request.Request(q, method="POST")).read()
 PY
-    timed cbt-1pct "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --cbt --cbt-audit-every 0
+        timed "cbt-1pct-$shape" "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --cbt --cbt-audit-every 0
+    done
 done
 grep -q "changed range" "$dir/err" || die "the CBT run did not use CBT: $(cat "$dir/err")"
 "$vmvault" -r "$repo" cat big@latest:xvda >"$dir/cbt.raw"
@@ -122,7 +129,7 @@ local = st.median(vals("local", 2))
 full = st.median(vals("nbd", 2))
 out = ["| case | time s (min / median / max) | MB/s (median) | read from the source MiB (median) | peak RSS MiB (median) | vs local (median) | vs NBD full (median) |",
        "|---|---|---|---|---|---|---|"]
-for case in ("local", "nbd", "nbd-tls", "http", "cbt-1pct"):
+for case in ("local", "nbd", "nbd-tls", "http", "cbt-1pct-scattered", "cbt-1pct-clustered"):
     t = vals(case, 2)
     m = st.median(t)
     out.append(f"| {case} | {min(t):.2f} / {m:.2f} / {max(t):.2f} | {size / m / 1e6:.0f} | "
