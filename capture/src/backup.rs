@@ -483,15 +483,14 @@ impl Gather<'_> {
                     None => self.reader.insert(RepoReader::new(self.repo.clone(), 64, 64 << 20)?),
                 };
                 let parent_dev = Box::new(reader.open(parent, &name)?);
-                let mut c2 = c.clone();
-                // An audit failure reads everything after all.
-                if !self.audit(&name, &*dev, &*parent_dev, &c)? {
-                    c2.clear();
+                if self.audit(&name, &*dev, &*parent_dev, &c)? {
+                    self.incremental = true;
+                    let patched = Patched { source: dev, parent: parent_dev, changed: c.clone() };
+                    (Box::new(patched) as Box<dyn BlockDev>, Some(c))
+                } else {
+                    // An audit failure reads everything after all.
                     self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": 0}));
                     (dev, None)
-                } else {
-                    self.incremental = true;
-                    (Box::new(Patched { source: dev, parent: parent_dev, changed: c }) as Box<dyn BlockDev>, Some(c2))
                 }
             }
             None => (dev, None),

@@ -480,7 +480,9 @@ fn show_log(ctx: &Ctx, a: LogArgs) -> Result<()> {
             }
         }
     }
-    runs.sort_by(|x, y| x.run.cmp(&y.run));
+    // In the order they started (run ids of one second differ only by their random part).
+    let key = |r: &Run| (r.started.parse::<jiff::Timestamp>().ok(), r.run.clone());
+    runs.sort_by_key(key);
     if let Some(id) = &a.run {
         let r = runs.into_iter().find(|r| &r.run == id).ok_or_else(|| anyhow!("no run {id} in {}", dir.display()))?;
         if ctx.json {

@@ -617,7 +617,8 @@ vms = ["test"]
     let out = job(&["log", "--job", "prod"]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(said.lines().count(), 4, "{said}");
-    assert!(said.lines().last().unwrap().contains("interrupted"), "{said}");
+    assert!(said.lines().last().unwrap().contains("interrupted"), "the newest run is the killed one: {said}");
+    assert_eq!(said.lines().filter(|l| l.contains("interrupted")).count(), 1, "{said}");
     pool.sim.hooks.lock().unwrap().set_delay(std::time::Duration::ZERO);
     // The killed run could not clean up; the next run of the job does.
     assert!(pool.snapshots_on_pool() > 0, "a snapshot was left by the killed run");
