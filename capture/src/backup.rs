@@ -3,7 +3,7 @@
 //! the VM's records as `meta.xapi`) → cleanup (the snapshot and its disks are destroyed,
 //! always, even after a failure or an interruption).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::cbt::{self, Patched};
 use crate::error::{Error, Result};
 use crate::nbd::{NbdDisk, Target};
-use crate::run::Limits;
+use crate::run::{Limits, Transfer};
 use crate::source::{nbd_target, nbd_wants_tls, vhd_block_map, HttpRawDisk};
 use crate::xapi::records::{flag, is_null, list, s, Bundle};
 use crate::xapi::Client;
@@ -299,7 +299,6 @@ fn transfer(
     let mut g = Gather {
         client,
         opts,
-        limits,
         log,
         vm: &name,
         repo,
@@ -310,7 +309,11 @@ fn transfer(
         incremental: false,
         nbd_tls: None,
         via: Vec::new(),
-        received: Arc::default(),
+        transfer: Transfer {
+            received: Arc::default(),
+            cancel: opts.cancel.clone(),
+            exports: Some(limits.exports.clone()),
+        },
         bundle,
         sources: Vec::new(),
         streams: Vec::new(),
@@ -330,7 +333,7 @@ fn transfer(
     if memory {
         g.add(&suspend, "memory".into(), StreamKind::Memory)?;
     }
-    let Gather { mut bundle, sources, streams, received, mut via, cbt, mut keep, incremental, .. } = g;
+    let Gather { mut bundle, sources, streams, transfer, mut via, cbt, mut keep, incremental, .. } = g;
     for vif in list(&snap_rec, "VIFs") {
         let vif_rec = client.call("VIF.get_record", &[json!(vif)])?;
         let net = s(&vif_rec, "network").to_string();
@@ -387,7 +390,7 @@ fn transfer(
             .map(String::from)
             .collect();
     }
-    Ok((entry, received.load(Ordering::Relaxed), memory, keep))
+    Ok((entry, transfer.received.load(Ordering::Relaxed), memory, keep))
 }
 
 /// What cleanup keeps after a successful backup: each disk snapshot with CBT, as the next
@@ -404,7 +407,6 @@ struct Keep {
 struct Gather<'a> {
     client: &'a Arc<Client>,
     opts: &'a Options,
-    limits: &'a Arc<Limits>,
     log: Log<'a>,
     vm: &'a str,
     repo: &'a Arc<Repository>,
@@ -420,7 +422,7 @@ struct Gather<'a> {
     nbd_tls: Option<bool>,
     /// The transports used ("NBD", "HTTP").
     via: Vec<&'static str>,
-    received: Arc<AtomicU64>,
+    transfer: Transfer,
     bundle: Bundle,
     sources: Vec<Source>,
     streams: Vec<(String, String)>,
@@ -453,13 +455,11 @@ impl Gather<'_> {
         }
         let dev: Box<dyn BlockDev> = match target {
             Some(target) => {
-                let mut d = NbdDisk::new(target, size, self.received.clone())
-                    .cancel_on(self.opts.cancel.clone())
-                    .limit(self.limits.exports.clone());
+                let mut d = NbdDisk::new(target, size, self.transfer.clone());
                 if let Some(c) = &changed {
                     d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
                 } else if !self.opts.full {
-                    match vhd_block_map(self.client, vdi, size, Some(&self.limits.exports)) {
+                    match vhd_block_map(self.client, vdi, size, &self.transfer) {
                         Ok(map) => {
                             let last = map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
                             d = d.with_map(map).finish_at(last);
@@ -469,11 +469,7 @@ impl Gather<'_> {
                 }
                 Box::new(d)
             }
-            None => Box::new(
-                HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.received.clone())
-                    .cancel_on(self.opts.cancel.clone())
-                    .limit(self.limits.exports.clone()),
-            ),
+            None => Box::new(HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.transfer.clone())),
         };
         let (dev, changed) = match changed {
             Some(c) => {
@@ -585,7 +581,7 @@ impl Gather<'_> {
             Some(t) => t,
             None => *self.nbd_tls.insert(nbd_wants_tls(self.client)?),
         };
-        let target = nbd_target(self.client, vdi, tls)?;
+        let target = nbd_target(self.client, vdi, uuid, tls)?;
         if target.is_none() && self.opts.transport == Transport::Nbd {
             return Err(Error::Unsupported(format!(
                 "disk {uuid}: the pool offers no NBD (no network has the nbd or insecure_nbd purpose)"

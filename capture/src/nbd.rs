@@ -18,7 +18,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use blockdev::{Allocation, BlockDev, Run};
 use nbd_server::proto;
 use rustls::pki_types::ServerName;
 
-use crate::run::{Permit, Semaphore};
+use crate::run::{Permit, Transfer};
 
 /// Largest read request sent.
 const MAX_REQUEST: u64 = 2 << 20;
@@ -378,10 +378,7 @@ pub struct NbdDisk {
     conn: Mutex<Option<Conn>>,
     map: Option<BlockMap>,
     finish_at: u64,
-    /// Bytes received from the server (shared with the caller's counters).
-    pub received: Arc<AtomicU64>,
-    cancel: Arc<AtomicBool>,
-    exports: Option<Arc<Semaphore>>,
+    transfer: Transfer,
     retries: u32,
 }
 
@@ -393,38 +390,16 @@ impl std::fmt::Debug for NbdDisk {
 
 impl NbdDisk {
     /// A disk of `size` bytes at `target` (checked against the server's size on connect).
-    pub fn new(target: Target, size: u64, received: Arc<AtomicU64>) -> Self {
-        NbdDisk {
-            target,
-            size,
-            conn: Mutex::new(None),
-            map: None,
-            finish_at: size,
-            received,
-            cancel: Arc::default(),
-            exports: None,
-            retries: 3,
-        }
+    pub fn new(target: Target, size: u64, transfer: Transfer) -> Self {
+        NbdDisk { target, size, conn: Mutex::new(None), map: None, finish_at: size, transfer, retries: 3 }
     }
 
     /// Connect now and take the disk's size from the server.
     pub fn open(target: Target) -> io::Result<Self> {
         let conn = connect(&target, None)?;
-        let mut d = NbdDisk::new(target, conn.size, Arc::default());
+        let mut d = NbdDisk::new(target, conn.size, Transfer::default());
         d.conn = Mutex::new(Some(conn));
         Ok(d)
-    }
-
-    /// Hold a permit of `exports` while connected (the pool's transfer limit).
-    pub fn limit(mut self, exports: Arc<Semaphore>) -> Self {
-        self.exports = Some(exports);
-        self
-    }
-
-    /// Fail reads (`Interrupted`) once `flag` is set.
-    pub fn cancel_on(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.cancel = flag;
-        self
     }
 
     /// Blocks known to hold no data read as zeros without asking the server.
@@ -447,8 +422,7 @@ impl NbdDisk {
     }
 
     fn open_conn(&self) -> io::Result<Conn> {
-        let permit = self.exports.as_ref().map(|s| s.acquire());
-        let conn = connect(&self.target, permit)?;
+        let conn = connect(&self.target, self.transfer.slot())?;
         if conn.size != self.size {
             let why = format!("the export has {} bytes, the disk {}", conn.size, self.size);
             conn.disconnect();
@@ -475,7 +449,7 @@ impl NbdDisk {
             *slot = Some(self.open_conn().map_err(transient)?);
         }
         let conn = slot.as_mut().expect("connected above");
-        conn.read(&self.target, offset, buf, &self.received).map_err(|e| {
+        conn.read(&self.target, offset, buf, &self.transfer.received).map_err(|e| {
             *slot = None; // a connection in an unknown state is not reused
             let again = e.kind() != io::ErrorKind::InvalidData;
             (e, again)
@@ -496,9 +470,7 @@ impl BlockDev for NbdDisk {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let mut attempt = 0;
         loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(err(io::ErrorKind::Interrupted, "interrupted".into()));
-            }
+            self.transfer.check()?;
             match self.try_read(&mut slot, offset, buf) {
                 Ok(()) => break,
                 Err((e, again)) if !again || attempt >= self.retries => return Err(e),

@@ -44,6 +44,35 @@ impl Drop for Permit {
     }
 }
 
+/// What every disk transfer of a backup shares: the count of bytes received from the pool,
+/// the flag that stops reads (Ctrl-C), and the pool's export slots (one is held while a
+/// transfer runs).
+#[derive(Clone, Debug, Default)]
+pub struct Transfer {
+    pub received: Arc<std::sync::atomic::AtomicU64>,
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+    pub exports: Option<Arc<Semaphore>>,
+}
+
+impl Transfer {
+    /// `Interrupted` once the cancel flag is set.
+    pub fn check(&self) -> std::io::Result<()> {
+        if self.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
+        }
+        Ok(())
+    }
+
+    /// An export slot (waiting for one), or none without a limit.
+    pub fn slot(&self) -> Option<Permit> {
+        self.exports.as_ref().map(|s| s.acquire())
+    }
+
+    pub fn count(&self, n: u64) {
+        self.received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The pool-wide limits of one run.
 #[derive(Debug)]
 pub struct Limits {

@@ -13,7 +13,6 @@
 //! block status.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blockdev::BlockDev;
@@ -21,7 +20,7 @@ use disk_formats::vhd::{DiskType, DynHeader, Footer};
 
 use crate::error::{Error, Result};
 use crate::nbd::{BlockMap, Target, TlsTarget};
-use crate::run::{Permit, Semaphore};
+use crate::run::{Permit, Transfer};
 use crate::xapi::records::s;
 use crate::xapi::Client;
 
@@ -38,10 +37,7 @@ pub struct HttpRawDisk {
     vdi: String,
     size: u64,
     open: Mutex<Option<Open>>,
-    /// Bytes received from the pool (shared with the caller's counters).
-    pub received: Arc<AtomicU64>,
-    cancel: Arc<AtomicBool>,
-    exports: Option<Arc<Semaphore>>,
+    transfer: Transfer,
 }
 
 impl std::fmt::Debug for HttpRawDisk {
@@ -51,24 +47,12 @@ impl std::fmt::Debug for HttpRawDisk {
 }
 
 impl HttpRawDisk {
-    pub fn new(client: Arc<Client>, vdi: String, size: u64, received: Arc<AtomicU64>) -> Self {
-        HttpRawDisk { client, vdi, size, open: Mutex::new(None), received, cancel: Arc::default(), exports: None }
-    }
-
-    /// Hold a permit of `exports` while the export runs (the pool's transfer limit).
-    pub fn limit(mut self, exports: Arc<Semaphore>) -> Self {
-        self.exports = Some(exports);
-        self
-    }
-
-    /// Fail reads (`Interrupted`) once `flag` is set.
-    pub fn cancel_on(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.cancel = flag;
-        self
+    pub fn new(client: Arc<Client>, vdi: String, size: u64, transfer: Transfer) -> Self {
+        HttpRawDisk { client, vdi, size, open: Mutex::new(None), transfer }
     }
 
     fn start(&self) -> io::Result<Open> {
-        let permit = self.exports.as_ref().map(|s| s.acquire());
+        let permit = self.transfer.slot();
         let task = self.client.create_task("vmvault export_raw_vdi").map_err(io::Error::from)?;
         let body = self
             .client
@@ -94,7 +78,7 @@ impl HttpRawDisk {
                 ));
             }
             done += n;
-            self.received.fetch_add(n as u64, Ordering::Relaxed);
+            self.transfer.count(n as u64);
         }
         o.pos += buf.len() as u64;
         Ok(())
@@ -108,9 +92,7 @@ impl BlockDev for HttpRawDisk {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         blockdev::check_range(self.size, offset, buf.len() as u64)?;
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
-        }
+        self.transfer.check()?;
         let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if guard.as_ref().is_none_or(|o| o.pos > offset) {
             *guard = Some(self.start()?);
@@ -175,8 +157,8 @@ impl Drop for HttpRawDisk {
 const MAX_BAT_ENTRIES: u64 = 1 << 22;
 
 /// Which blocks of VDI `vdi` (of `size` bytes) hold data, from its VHD export's BAT.
-pub fn vhd_block_map(client: &Client, vdi: &str, size: u64, exports: Option<&Arc<Semaphore>>) -> Result<BlockMap> {
-    let _permit = exports.map(|s| s.acquire());
+pub fn vhd_block_map(client: &Client, vdi: &str, size: u64, transfer: &Transfer) -> Result<BlockMap> {
+    let _permit = transfer.slot();
     let task = client.create_task("vmvault block map")?;
     let r = client
         .http_get("/export_raw_vdi", &[("vdi", vdi), ("format", "vhd"), ("task_id", &task)])
@@ -234,10 +216,10 @@ pub fn nbd_wants_tls(client: &Client) -> Result<bool> {
     Ok(!(purposes.contains(&"insecure_nbd") && !purposes.contains(&"nbd")))
 }
 
-/// Where VDI `vdi` can be read over NBD (`VDI.get_nbd_info`), or `None` when the pool
-/// offers no NBD. With `tls`, the host's certificate from the answer is pinned and its
-/// `subject` is the name checked.
-pub fn nbd_target(client: &Client, vdi: &str, tls: bool) -> Result<Option<Target>> {
+/// Where VDI `vdi` (uuid `uuid`, for messages) can be read over NBD (`VDI.get_nbd_info`), or
+/// `None` when the pool offers no NBD. With `tls`, the host's certificate from the answer is
+/// pinned and its `subject` is the name checked.
+pub fn nbd_target(client: &Client, vdi: &str, uuid: &str, tls: bool) -> Result<Option<Target>> {
     let infos = client.call("VDI.get_nbd_info", &[serde_json::json!(vdi)])?;
     let infos = infos.as_array().cloned().unwrap_or_default();
     // The host we talk to (its address is known to work), else the first offered.
@@ -256,7 +238,5 @@ pub fn nbd_target(client: &Client, vdi: &str, tls: bool) -> Result<Option<Target
     } else {
         None
     };
-    let uuid = client.call("VDI.get_uuid", &[serde_json::json!(vdi)])?;
-    let label = format!("disk {}", uuid.as_str().unwrap_or(vdi));
-    Ok(Some(Target { addr, export: s(info, "exportname").to_string(), label, tls }))
+    Ok(Some(Target { addr, export: s(info, "exportname").to_string(), label: format!("disk {uuid}"), tls }))
 }

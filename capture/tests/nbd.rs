@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use blockdev::BlockDev;
 use capture::nbd::{NbdDisk, Target};
+use capture::run::Transfer;
 use capture::source::{nbd_target, nbd_wants_tls, vhd_block_map};
 use capture::xapi::tls::Trust;
 use capture::xapi::wire::Protocol;
@@ -73,9 +74,9 @@ fn nbd_reads_match_the_disk_and_hold_it_in_use() {
     let p = pool("\"insecure_nbd\"");
     let (vdi, uuid, want) = p.snapshot_disk();
     assert!(!nbd_wants_tls(&p.client).unwrap());
-    let target = nbd_target(&p.client, &vdi, false).unwrap().expect("the pool offers NBD");
+    let target = nbd_target(&p.client, &vdi, &uuid, false).unwrap().expect("the pool offers NBD");
     assert!(!format!("{target:?}").contains("session"), "the export name stays out of Debug: {target:?}");
-    let disk = NbdDisk::new(target, want.len() as u64, Arc::default());
+    let disk = NbdDisk::new(target, want.len() as u64, Transfer::default());
     // Unaligned reads (XAPI refuses them) are widened to 512 bytes and cut back.
     for (off, len) in [(100u64, 1000usize), (65_000, 3), (0, 512), (want.len() as u64 - 4096, 7)] {
         let mut b = vec![0u8; len];
@@ -98,7 +99,7 @@ fn nbd_reads_match_the_disk_and_hold_it_in_use() {
 fn the_vhd_block_map_lists_the_blocks_holding_data() {
     let p = pool("\"insecure_nbd\"");
     let (vdi, uuid, want) = p.snapshot_disk();
-    let map = vhd_block_map(&p.client, &vdi, want.len() as u64, None).unwrap();
+    let map = vhd_block_map(&p.client, &vdi, want.len() as u64, &Transfer::default()).unwrap();
     assert_eq!(map.block, 2 << 20);
     let st = p.sim.state();
     let d = &st.disks[&uuid];
@@ -118,33 +119,33 @@ fn the_vhd_block_map_lists_the_blocks_holding_data() {
 #[test]
 fn nbd_with_tls_pins_the_hosts_certificate() {
     let p = pool("\"nbd\"");
-    let (vdi, _, want) = p.snapshot_disk();
+    let (vdi, uuid, want) = p.snapshot_disk();
     assert!(nbd_wants_tls(&p.client).unwrap());
-    let target = nbd_target(&p.client, &vdi, true).unwrap().unwrap();
-    let disk = NbdDisk::new(target.clone(), want.len() as u64, Arc::default());
+    let target = nbd_target(&p.client, &vdi, &uuid, true).unwrap().unwrap();
+    let disk = NbdDisk::new(target.clone(), want.len() as u64, Transfer::default());
     let mut all = vec![0u8; want.len()];
     disk.read_at(0, &mut all).unwrap();
     assert!(all == want);
     // Without TLS, a FORCEDTLS server answers GO with TLS_REQD.
     let plain = Target { tls: None, ..target.clone() };
-    let e = NbdDisk::new(plain, want.len() as u64, Arc::default()).read_at(0, &mut [0u8; 512]).unwrap_err();
+    let e = NbdDisk::new(plain, want.len() as u64, Transfer::default()).read_at(0, &mut [0u8; 512]).unwrap_err();
     assert!(e.to_string().contains("TLS required"), "{e}");
     // Another certificate pinned: the TLS handshake fails and says why.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap().cert.pem();
     let config = Trust::pin_pem(&other).unwrap().client_config().unwrap();
     let tls = capture::nbd::TlsTarget { config, name: target.tls.unwrap().name };
     let wrong = Target { tls: Some(tls), ..target };
-    let e = NbdDisk::new(wrong, want.len() as u64, Arc::default()).read_at(0, &mut [0u8; 512]).unwrap_err();
+    let e = NbdDisk::new(wrong, want.len() as u64, Transfer::default()).read_at(0, &mut [0u8; 512]).unwrap_err();
     assert!(e.to_string().contains("not the pinned one"), "{e}");
 }
 
 #[test]
 fn nbd_refuses_a_stale_session_with_a_clear_error() {
     let p = pool("\"insecure_nbd\"");
-    let (vdi, _, want) = p.snapshot_disk();
-    let target = nbd_target(&p.client, &vdi, false).unwrap().unwrap();
+    let (vdi, uuid, want) = p.snapshot_disk();
+    let target = nbd_target(&p.client, &vdi, &uuid, false).unwrap().unwrap();
     p.client.logout();
-    let e = NbdDisk::new(target, want.len() as u64, Arc::default()).read_at(0, &mut [0u8; 512]).unwrap_err();
+    let e = NbdDisk::new(target, want.len() as u64, Transfer::default()).read_at(0, &mut [0u8; 512]).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("when the export was selected") && msg.contains("expired session"), "{msg}");
     assert!(!msg.contains("OpaqueRef"), "no session in errors: {msg}");
@@ -153,8 +154,8 @@ fn nbd_refuses_a_stale_session_with_a_clear_error() {
 #[test]
 fn no_nbd_purpose_means_no_target() {
     let p = pool("");
-    let (vdi, _, _) = p.snapshot_disk();
-    assert!(nbd_target(&p.client, &vdi, true).unwrap().is_none());
+    let (vdi, uuid, _) = p.snapshot_disk();
+    assert!(nbd_target(&p.client, &vdi, &uuid, true).unwrap().is_none());
 }
 
 /// qemu-nbd speaks NBD_OPT_GO (with block sizes): the other handshake path.

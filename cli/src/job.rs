@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::commands::Ctx;
-use crate::xapi::{PoolArgs, SelectArgs, TransportArg};
+use crate::xapi::{self, BackupArgs, PoolArgs, SelectArgs, TransportArg};
 
 #[derive(Subcommand, Debug)]
 pub enum JobCommand {
@@ -52,7 +52,7 @@ impl LogDir {
 pub struct RunArgs {
     /// The job file (TOML; see the README).
     pub file: PathBuf,
-    /// Run only this job (default: every job in the file, in order).
+    /// Run only this job (default: every job in the file, in name order).
     #[arg(long)]
     pub job: Option<String>,
     #[command(flatten)]
@@ -78,7 +78,7 @@ struct JobFile {
     #[serde(default)]
     pool: BTreeMap<String, PoolSpec>,
     #[serde(default)]
-    job: indexmap_lite::Ordered<JobSpec>,
+    job: BTreeMap<String, JobSpec>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -100,7 +100,7 @@ fn root() -> String {
     "root".into()
 }
 
-#[derive(Debug, Deserialize, Clone, Default)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 struct JobSpec {
     pool: String,
@@ -114,13 +114,38 @@ struct JobSpec {
     memory: bool,
     cbt: bool,
     full: bool,
-    transport: Option<String>,
-    vms_at_once: Option<usize>,
-    snapshots_at_once: Option<usize>,
-    exports_at_once: Option<usize>,
-    cbt_audit_every: Option<u32>,
+    transport: TransportArg,
+    vms_at_once: usize,
+    snapshots_at_once: usize,
+    exports_at_once: usize,
+    cbt_audit_every: u32,
     snapshot_tags: Vec<String>,
     retention: Option<Retention>,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        JobSpec {
+            pool: String::new(),
+            vms: Vec::new(),
+            names: Vec::new(),
+            tags: Vec::new(),
+            all_tags: false,
+            all: false,
+            exclude_tags: Vec::new(),
+            power_states: Vec::new(),
+            memory: false,
+            cbt: false,
+            full: false,
+            transport: TransportArg::Auto,
+            vms_at_once: xapi::VMS_AT_ONCE,
+            snapshots_at_once: xapi::SNAPSHOTS_AT_ONCE,
+            exports_at_once: xapi::EXPORTS_AT_ONCE,
+            cbt_audit_every: xapi::CBT_AUDIT_EVERY,
+            snapshot_tags: Vec::new(),
+            retention: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -137,85 +162,51 @@ struct Retention {
     prune: bool,
 }
 
-/// TOML tables keep their order in the file through serde as a list of (name, value).
-mod indexmap_lite {
-    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-
-    #[derive(Debug)]
-    pub struct Ordered<T>(pub Vec<(String, T)>);
-
-    impl<T> Default for Ordered<T> {
-        fn default() -> Self {
-            Ordered(Vec::new())
-        }
-    }
-
-    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V<T>(std::marker::PhantomData<T>);
-            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-                type Value = Ordered<T>;
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a table of jobs")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                    let mut out = Vec::new();
-                    while let Some((k, v)) = m.next_entry()? {
-                        out.push((k, v));
-                    }
-                    Ok(Ordered(out))
-                }
-            }
-            d.deserialize_map(V(std::marker::PhantomData))
-        }
-    }
-}
-
 impl JobSpec {
-    fn pool_args(&self, pools: &BTreeMap<String, PoolSpec>) -> Result<PoolArgs> {
+    /// The job as the flags of `xapi backup`.
+    fn backup_args(&self, pools: &BTreeMap<String, PoolSpec>) -> Result<BackupArgs> {
         let p = pools.get(&self.pool).ok_or_else(|| anyhow!("no [pool.{}] in the job file", self.pool))?;
-        Ok(PoolArgs {
-            host: p.host.clone(),
-            user: p.user.clone(),
-            pool_password_file: p.password_file.clone(),
-            fingerprint: p.fingerprint.clone(),
-            cert: p.cert.clone(),
-            insecure: p.insecure,
-            xml_rpc: p.xml_rpc,
+        Ok(BackupArgs {
+            pool: PoolArgs {
+                host: p.host.clone(),
+                user: p.user.clone(),
+                pool_password_file: p.password_file.clone(),
+                fingerprint: p.fingerprint.clone(),
+                cert: p.cert.clone(),
+                insecure: p.insecure,
+                xml_rpc: p.xml_rpc,
+            },
+            select: SelectArgs {
+                vms: self.vms.clone(),
+                names: self.names.clone(),
+                tags: self.tags.clone(),
+                all_tags: self.all_tags,
+                all: self.all,
+                exclude_tags: self.exclude_tags.clone(),
+                power_states: self.power_states.clone(),
+            },
+            memory: self.memory,
+            vms_at_once: self.vms_at_once,
+            snapshots_at_once: self.snapshots_at_once,
+            exports_at_once: self.exports_at_once,
+            snapshot_tags: self.snapshot_tags.clone(),
+            transport: self.transport,
+            cbt: self.cbt,
+            full: self.full,
+            cbt_audit_every: self.cbt_audit_every,
         })
-    }
-
-    fn select(&self) -> SelectArgs {
-        SelectArgs {
-            vms: self.vms.clone(),
-            names: self.names.clone(),
-            tags: self.tags.clone(),
-            all_tags: self.all_tags,
-            all: self.all,
-            exclude_tags: self.exclude_tags.clone(),
-            power_states: self.power_states.clone(),
-        }
-    }
-
-    fn transport(&self) -> Result<TransportArg> {
-        use clap::ValueEnum;
-        match &self.transport {
-            None => Ok(TransportArg::Auto),
-            Some(t) => TransportArg::from_str(t, true).map_err(|_| anyhow!("transport {t:?}: auto, nbd or http")),
-        }
     }
 }
 
 fn load(path: &Path) -> Result<JobFile> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let f: JobFile = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    for (name, j) in &f.job.0 {
+    for (name, j) in &f.job {
         if name.is_empty() || name.contains(['/', '\\', '.']) {
             bail!("{}: job name {name:?} must be non-empty without '/', '\\' or '.'", path.display());
         }
-        j.pool_args(&f.pool).with_context(|| format!("job {name}"))?;
-        j.transport().with_context(|| format!("job {name}"))?;
-        if j.select().selection().is_empty() {
+        let args = j.backup_args(&f.pool).with_context(|| format!("job {name}"))?;
+        if args.select.selection().is_empty() {
             bail!("job {name}: no selection (vms, names, tags or all = true)");
         }
     }
@@ -261,8 +252,8 @@ pub fn run(ctx: &Ctx, cmd: JobCommand) -> Result<()> {
 
 fn run_jobs(ctx: &Ctx, a: RunArgs) -> Result<()> {
     let file = load(&a.file)?;
-    let jobs: Vec<&(String, JobSpec)> =
-        file.job.0.iter().filter(|(n, _)| a.job.as_ref().is_none_or(|j| j == n)).collect();
+    let jobs: Vec<(&String, &JobSpec)> =
+        file.job.iter().filter(|(n, _)| a.job.as_ref().is_none_or(|j| j == *n)).collect();
     if jobs.is_empty() {
         bail!("{}: no job {}", a.file.display(), a.job.as_deref().map_or("at all".into(), |j| format!("{j:?}")));
     }
@@ -323,42 +314,16 @@ fn backup_and_retain(
     log: &RunLog,
     cancel: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<VmResult>> {
-    let repo = Arc::new(ctx.open()?);
-    let client = spec.pool_args(pools)?.connect()?;
-    let opts = capture::backup::Options {
-        memory: spec.memory,
-        job: name.to_string(),
-        tags: spec.snapshot_tags.clone(),
-        workers: 0,
-        cancel: cancel.clone(),
-        transport: spec.transport()?.into(),
-        cbt: spec.cbt,
-        full: spec.full,
-        audit_every: spec.cbt_audit_every.unwrap_or(10),
-    };
-    let limits = capture::run::Limits::new(
-        spec.vms_at_once.unwrap_or(1),
-        spec.snapshots_at_once.unwrap_or(2),
-        spec.exports_at_once.unwrap_or(12),
-    );
-    let quiet = ctx.quiet;
-    let line = |l: LogLine| {
-        if !quiet || l.level != "info" {
-            eprintln!("{} [{}] {}: {}", l.vm, l.phase, l.level, l.message);
-        }
+    let write = |l: &LogLine| {
         log.write("log", json!({"vm": l.vm, "phase": l.phase, "level": l.level, "message": l.message}));
     };
-    capture::backup::sweep_leftovers(&client, name, &line)?;
-    let start = Instant::now();
-    let report = capture::run::run(&client, &repo, &spec.select().selection(), &opts, &limits, &line)?;
-    client.logout();
+    let (repo, report) = crate::xapi::run_backup(ctx, &spec.backup_args(pools)?, name, cancel, &write)?;
     for r in &report.results {
         log.write("vm", serde_json::to_value(r).unwrap_or_default());
     }
     for (vm, why) in &report.skipped {
         log.write("vm", json!({"vm": vm, "status": "skipped", "error": why}));
     }
-    crate::xapi::print_results(ctx, &report.results, &report.skipped, start.elapsed().as_secs_f64())?;
     if let Some(ret) = &spec.retention {
         if !cancel.load(Ordering::SeqCst) {
             let done: Vec<&str> =

@@ -117,6 +117,13 @@ impl SelectArgs {
     }
 }
 
+/// Defaults of the pool-wide limits (Xen Orchestra's) and of the CBT audit, shared by the
+/// flags and by job files.
+pub const VMS_AT_ONCE: usize = 1;
+pub const SNAPSHOTS_AT_ONCE: usize = 2;
+pub const EXPORTS_AT_ONCE: usize = 12;
+pub const CBT_AUDIT_EVERY: u32 = 10;
+
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     #[command(flatten)]
@@ -127,13 +134,13 @@ pub struct BackupArgs {
     #[arg(long)]
     pub memory: bool,
     /// VMs backed up at once.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = VMS_AT_ONCE)]
     pub vms_at_once: usize,
     /// Snapshots or checkpoints taken at once on the pool.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = SNAPSHOTS_AT_ONCE)]
     pub snapshots_at_once: usize,
     /// Disk exports running at once on the pool.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = EXPORTS_AT_ONCE)]
     pub exports_at_once: usize,
     /// Tag the repository snapshots (repeatable).
     #[arg(long = "snapshot-tag")]
@@ -151,12 +158,14 @@ pub struct BackupArgs {
     pub full: bool,
     /// With --cbt: every N incremental backups of a disk, re-read a sample of unchanged
     /// blocks and compare them with the previous backup (0: never).
-    #[arg(long, default_value_t = 10, value_name = "N")]
+    #[arg(long, default_value_t = CBT_AUDIT_EVERY, value_name = "N")]
     pub cbt_audit_every: u32,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum TransportArg {
+    #[default]
     Auto,
     Nbd,
     Http,
@@ -237,15 +246,29 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn print_line(ctx: &Ctx) -> impl Fn(LogLine) + Sync + '_ {
-    move |l: LogLine| {
-        if !ctx.quiet || l.level != "info" {
-            eprintln!("{} [{}] {}: {}", l.vm, l.phase, l.level, l.message);
-        }
+fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
+    let cancel = interrupt_flag();
+    let (_, report) = run_backup(ctx, &a, "", &cancel, &|_| {})?;
+    let failed = report.results.iter().filter(|r| r.status == Status::Failure).count();
+    if cancel.load(Ordering::SeqCst) {
+        bail!("interrupted");
     }
+    if failed > 0 {
+        bail!("{failed} of {} VM(s) failed", report.results.len());
+    }
+    Ok(())
 }
 
-fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
+/// Back up what `a` selects (the work of `xapi backup` and of each job run): log lines to
+/// stderr and to `also`, results printed. `job` names the job (its snapshots on the pool
+/// carry the name, and the ones a killed run of it left are destroyed first); "" for none.
+pub fn run_backup(
+    ctx: &Ctx,
+    a: &BackupArgs,
+    job: &str,
+    cancel: &Arc<AtomicBool>,
+    also: &(dyn Fn(&LogLine) + Sync),
+) -> Result<(Arc<archive::Repository>, capture::run::Report)> {
     let sel = a.select.selection();
     if sel.is_empty() {
         bail!("say which VMs: --vm NAME, --name PATTERN, --tag TAG or --all");
@@ -254,29 +277,30 @@ fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
     let client = a.pool.connect()?;
     let opts = capture::backup::Options {
         memory: a.memory,
-        job: String::new(),
+        job: job.to_string(),
         tags: a.snapshot_tags.clone(),
         workers: 0,
-        cancel: interrupt_flag(),
+        cancel: cancel.clone(),
         transport: a.transport.into(),
         cbt: a.cbt,
         full: a.full,
         audit_every: a.cbt_audit_every,
     };
     let limits = capture::run::Limits::new(a.vms_at_once, a.snapshots_at_once, a.exports_at_once);
+    let line = |l: LogLine| {
+        if !ctx.quiet || l.level != "info" {
+            eprintln!("{} [{}] {}: {}", l.vm, l.phase, l.level, l.message);
+        }
+        also(&l);
+    };
+    if !job.is_empty() {
+        capture::backup::sweep_leftovers(&client, job, &line)?;
+    }
     let start = Instant::now();
-    let log = print_line(ctx);
-    let report = capture::run::run(&client, &repo, &sel, &opts, &limits, &log)?;
+    let report = capture::run::run(&client, &repo, &sel, &opts, &limits, &line)?;
     client.logout();
     print_results(ctx, &report.results, &report.skipped, start.elapsed().as_secs_f64())?;
-    let failed = report.results.iter().filter(|r| r.status == Status::Failure).count();
-    if opts.cancel.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    if failed > 0 {
-        bail!("{failed} of {} VM(s) failed", report.results.len());
-    }
-    Ok(())
+    Ok((repo, report))
 }
 
 pub fn print_results(ctx: &Ctx, results: &[VmResult], skipped: &[(String, String)], secs: f64) -> Result<()> {
