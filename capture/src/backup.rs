@@ -19,7 +19,7 @@ use crate::cbt::{self, Patched};
 use crate::error::{Error, Result};
 use crate::nbd::{NbdDisk, Target};
 use crate::run::{Limits, Transfer};
-use crate::source::{nbd_target, nbd_wants_tls, vhd_block_map, HttpRawDisk};
+use crate::source::{nbd_target, nbd_wants_tls, vhd_block_map, HttpDisk};
 use crate::xapi::records::{flag, is_null, list, s, Bundle};
 use crate::xapi::Client;
 use disk_formats::xva::int_field;
@@ -469,7 +469,10 @@ impl Gather<'_> {
                 }
                 Box::new(d)
             }
-            None => Box::new(HttpRawDisk::new(self.client.clone(), vdi.to_string(), size, self.transfer.clone())),
+            None => {
+                let d = HttpDisk::new(self.client.clone(), vdi.to_string(), size, self.transfer.clone());
+                Box::new(if self.opts.full { d.raw() } else { d })
+            }
         };
         let (dev, changed) = match changed {
             Some(c) => {

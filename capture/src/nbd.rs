@@ -359,7 +359,7 @@ pub struct BlockMap {
 
 impl BlockMap {
     /// The run at `offset` (at most `max_len`), from the blocks' presence.
-    fn run(&self, offset: u64, max_len: u64) -> Run {
+    pub(crate) fn run(&self, offset: u64, max_len: u64) -> Run {
         let present = |b: u64| self.present.get(b as usize).copied().unwrap_or(true);
         let first = offset / self.block;
         let kind = present(first);

@@ -1,21 +1,24 @@
 //! Disk sources read from a pool.
 //!
-//! [`HttpRawDisk`] reads a VDI through `GET /export_raw_vdi?format=raw` (reference §5.2): one
-//! stream, front to back, opened on the first read. The backup reads each source in
-//! increasing offsets, so a forward-only stream is enough; a read behind the stream's
-//! position reopens it. A stream that ends before the disk's size is an error, never
-//! silently short data — XAPI's exports are delimited by the connection closing, so a
-//! dropped connection looks like an early end.
+//! [`HttpDisk`] reads a VDI through `GET /export_raw_vdi` (reference §5.2): one stream, front
+//! to back, opened on the first read. By default it asks for `format=vhd` — XAPI's streamed
+//! dynamic VHD — and parses it on the fly: the BAT says which 2 MiB blocks hold data, so
+//! [`BlockDev::allocation`] reports the others as zeros (the backup never asks for them and
+//! the pool never sends them), and each block's sector bitmap zeroes the sectors it marks
+//! unwritten. VHDs stop at 2040 GiB (`VDI_TOO_LARGE`); larger disks are read as `format=raw`.
+//! The backup reads in increasing offsets, so a forward-only stream is enough; a read behind
+//! the stream's position reopens it. A stream that ends early is an error, never silently
+//! short data — XAPI's exports are delimited by the connection closing, so a dropped
+//! connection looks like an early end.
 //!
 //! [`vhd_block_map`] reads only the head of a `format=vhd` export — footer copy, dynamic
-//! header, BAT — to learn which 2 MiB blocks hold data, then closes it: how Xen Orchestra
-//! finds the blocks to fetch over NBD (reference §6.4), since XAPI's NBD server has no
-//! block status.
+//! header, BAT — to learn which blocks hold data, then closes it: how Xen Orchestra finds
+//! the blocks to fetch over NBD (reference §6.4), since XAPI's NBD server has no block status.
 
 use std::io::{self, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use blockdev::BlockDev;
+use blockdev::{Allocation, BlockDev, Run};
 use disk_formats::vhd::{DiskType, DynHeader, Footer};
 
 use crate::error::{Error, Result};
@@ -24,41 +27,159 @@ use crate::run::{Permit, Transfer};
 use crate::xapi::records::s;
 use crate::xapi::Client;
 
+/// Largest disk XAPI exports as VHD (`VDI_TOO_LARGE` beyond, reference §5.2).
+pub const VHD_MAX: u64 = 2040 << 30;
+
 struct Open {
     body: Box<dyn Read + Send + Sync>,
+    /// Bytes of the stream consumed (for `raw`, the disk offset).
     pos: u64,
-    task: String,
+    /// The sector bitmap of the VHD block last entered.
+    bitmap: Option<(u64, Vec<u8>)>,
     _permit: Option<Permit>,
 }
 
-/// A VDI exported as raw bytes over HTTP.
-pub struct HttpRawDisk {
+/// Where export streams of one disk come from: the pool, or — in tests and fuzzing —
+/// anything that can replay one.
+pub trait Exports: Send + Sync {
+    /// A new stream of the whole disk as `format` (`raw` or `vhd`), from its first byte.
+    fn open(&self, format: &str) -> io::Result<Box<dyn Read + Send + Sync>>;
+}
+
+/// `GET /export_raw_vdi` of one VDI, each under a task of its own.
+struct PoolExports {
     client: Arc<Client>,
     vdi: String,
+}
+
+/// An export's body; dropping it closes the connection and forgets the task (the pool
+/// finishes it).
+struct TaskBody {
+    body: Box<dyn Read + Send + Sync>,
+    client: Arc<Client>,
+    task: String,
+}
+
+impl Read for TaskBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.body.read(buf)
+    }
+}
+
+impl Drop for TaskBody {
+    fn drop(&mut self) {
+        self.body = Box::new(io::empty());
+        let _ = self.client.call("task.destroy", &[serde_json::json!(self.task)]);
+    }
+}
+
+impl Exports for PoolExports {
+    fn open(&self, format: &str) -> io::Result<Box<dyn Read + Send + Sync>> {
+        let task = self.client.create_task("vmvault export_raw_vdi").map_err(io::Error::from)?;
+        let body =
+            self.client.http_get("/export_raw_vdi", &[("vdi", &self.vdi), ("format", format), ("task_id", &task)]);
+        let body = TaskBody { body: Box::new(io::empty()), client: self.client.clone(), task }.with(body);
+        Ok(Box::new(body.map_err(io::Error::from)?))
+    }
+}
+
+impl TaskBody {
+    /// Take `body` (the task is forgotten on failure too).
+    fn with(mut self, body: Result<Box<dyn Read + Send + Sync>>) -> Result<TaskBody> {
+        self.body = body?;
+        Ok(self)
+    }
+}
+
+/// Where a VHD stream keeps each block, from its head.
+#[derive(Debug)]
+struct VhdHead {
+    block: u64,
+    bitmap: u64,
+    /// Stream offset of each block's bitmap, `None` for blocks not in the file.
+    at: Vec<Option<u64>>,
+    /// Bytes up to the end of the BAT.
+    consumed: u64,
+    map: BlockMap,
+    end: Option<u64>,
+}
+
+impl VhdHead {
+    /// Stream offset just past the last byte of the disk the stream holds (the rest is
+    /// the tail of a block past the disk's end, and the footer).
+    fn data_end(&self) -> Option<u64> {
+        self.end
+    }
+}
+
+/// A VDI exported over HTTP.
+pub struct HttpDisk {
+    exports: Box<dyn Exports>,
+    label: String,
     size: u64,
+    vhd: bool,
+    head: OnceLock<VhdHead>,
     open: Mutex<Option<Open>>,
     transfer: Transfer,
 }
 
-impl std::fmt::Debug for HttpRawDisk {
+impl std::fmt::Debug for HttpDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HttpRawDisk({}, {} bytes)", self.vdi, self.size)
+        write!(f, "HttpDisk({}, {} bytes, {})", self.label, self.size, if self.vhd { "vhd" } else { "raw" })
     }
 }
 
-impl HttpRawDisk {
+fn early_end(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, what)
+}
+
+impl HttpDisk {
+    /// VDI `vdi` of `size` bytes, as a VHD stream when XAPI can make one, else raw.
     pub fn new(client: Arc<Client>, vdi: String, size: u64, transfer: Transfer) -> Self {
-        HttpRawDisk { client, vdi, size, open: Mutex::new(None), transfer }
+        let label = format!("VDI {vdi}");
+        HttpDisk::over(Box::new(PoolExports { client, vdi }), label, size, transfer)
+    }
+
+    /// A disk of `size` bytes read from the streams of `exports` (`label` names it in errors).
+    pub fn over(exports: Box<dyn Exports>, label: String, size: u64, transfer: Transfer) -> Self {
+        let vhd = size <= VHD_MAX;
+        HttpDisk { exports, label, size, vhd, head: OnceLock::new(), open: Mutex::new(None), transfer }
+    }
+
+    /// Read the disk as `format=raw` (every byte crosses the network).
+    pub fn raw(mut self) -> Self {
+        self.vhd = false;
+        self
     }
 
     fn start(&self) -> io::Result<Open> {
         let permit = self.transfer.slot();
-        let task = self.client.create_task("vmvault export_raw_vdi").map_err(io::Error::from)?;
-        let body = self
-            .client
-            .http_get("/export_raw_vdi", &[("vdi", &self.vdi), ("format", "raw"), ("task_id", &task)])
-            .map_err(io::Error::from)?;
-        Ok(Open { body, pos: 0, task, _permit: permit })
+        let body = self.exports.open(if self.vhd { "vhd" } else { "raw" })?;
+        let mut o = Open { body, pos: 0, bitmap: None, _permit: permit };
+        if self.vhd {
+            let head = read_head(&mut o.body, self.size)?;
+            self.transfer.count(head.consumed);
+            o.pos = head.consumed;
+            if self.head.get().is_some_and(|h| h.at != head.at) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "the export's block table changed"));
+            }
+            let _ = self.head.set(head);
+        }
+        Ok(o)
+    }
+
+    /// The VHD head, opening the stream to read it if need be.
+    fn head(&self, guard: &mut Option<Open>) -> io::Result<&VhdHead> {
+        if self.head.get().is_none() {
+            let o = self.start()?;
+            let empty = self.head.get().is_some_and(|h| h.data_end().is_none());
+            if empty {
+                drop(o); // nothing to read: the slot goes now
+            } else {
+                *guard = Some(o);
+            }
+        }
+        Ok(self.head.get().expect("set by start"))
     }
 
     /// Read exactly `buf.len()` bytes from the stream, counting them.
@@ -67,15 +188,8 @@ impl HttpRawDisk {
         while done < buf.len() {
             let n = o.body.read(&mut buf[done..])?;
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the export of VDI {} ended after {} of {} bytes",
-                        self.vdi,
-                        o.pos + done as u64,
-                        self.size
-                    ),
-                ));
+                let at = o.pos + done as u64;
+                return Err(early_end(format!("the export of {} ended after {at} bytes", self.label)));
             }
             done += n;
             self.transfer.count(n as u64);
@@ -83,9 +197,89 @@ impl HttpRawDisk {
         o.pos += buf.len() as u64;
         Ok(())
     }
+
+    /// The stream, positioned at `to` (reopened when already past it).
+    fn seek<'a>(&self, guard: &'a mut Option<Open>, to: u64) -> io::Result<&'a mut Open> {
+        if guard.as_ref().is_none_or(|o| o.pos > to) {
+            *guard = None;
+            *guard = Some(self.start()?);
+        }
+        let o = guard.as_mut().expect("opened above");
+        if o.pos > to {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("offset {to} is inside the VHD's head")));
+        }
+        let mut skip = vec![0u8; (to - o.pos).min(1 << 20) as usize];
+        while o.pos < to {
+            let n = ((to - o.pos) as usize).min(skip.len());
+            self.fill(o, &mut skip[..n])?;
+        }
+        Ok(o)
+    }
+
+    /// Read `buf` from VHD block `b` at `within`, honouring its sector bitmap.
+    fn read_block(&self, guard: &mut Option<Open>, at: u64, b: u64, within: u64, buf: &mut [u8]) -> io::Result<()> {
+        let head = self.head.get().expect("read after the head");
+        let data = at + head.bitmap + within;
+        let has_bitmap = guard.as_ref().is_some_and(|o| o.pos <= data && o.bitmap.as_ref().is_some_and(|m| m.0 == b));
+        if !has_bitmap {
+            let o = self.seek(guard, at)?;
+            let mut bitmap = vec![0u8; head.bitmap as usize];
+            self.fill(o, &mut bitmap)?;
+            o.bitmap = Some((b, bitmap));
+        }
+        let o = self.seek(guard, data)?;
+        self.fill(o, buf)?;
+        let bitmap = &o.bitmap.as_ref().expect("read above").1;
+        for (i, sector) in buf.chunks_mut(512).enumerate() {
+            let n = (within / 512) as usize + i;
+            if bitmap.get(n / 8).is_none_or(|byte| byte & (0x80 >> (n % 8)) == 0) {
+                sector.fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_vhd(&self, guard: &mut Option<Open>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let block = self.head(guard)?.block;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let (b, within) = (off / block, off % block);
+            let n = ((block - within) as usize).min(buf.len() - done);
+            let piece = &mut buf[done..done + n];
+            match self.head.get().and_then(|h| h.at.get(b as usize).copied().flatten()) {
+                None => piece.fill(0),
+                Some(at) => self.read_block(guard, at, b, within, piece)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// After the last byte of data the pool sends the rest (a VHD's footer) and closes the
+    /// connection: wait for that, so the export is over on its side before the next starts.
+    fn expect_end(&self, o: &mut Open) -> io::Result<()> {
+        let mut rest = Vec::new();
+        // A block's tail and a footer (VHD) or nothing (raw); more is not an end.
+        (&mut o.body).take(4 << 20).read_to_end(&mut rest)?;
+        self.transfer.count(rest.len() as u64);
+        let ok = if self.vhd {
+            rest.len() >= 512
+                && Footer::from_bytes(&rest[rest.len() - 512..], 0).is_ok_and(|f| f.current_size == self.size)
+        } else {
+            rest.is_empty()
+        };
+        if !ok {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the export of {} does not end where its {} bytes do", self.label, self.size),
+            ));
+        }
+        Ok(())
+    }
 }
 
-impl BlockDev for HttpRawDisk {
+impl BlockDev for HttpDisk {
     fn len(&self) -> u64 {
         self.size
     }
@@ -94,62 +288,32 @@ impl BlockDev for HttpRawDisk {
         blockdev::check_range(self.size, offset, buf.len() as u64)?;
         self.transfer.check()?;
         let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_none_or(|o| o.pos > offset) {
-            *guard = Some(self.start()?);
-        }
-        let o = guard.as_mut().expect("opened above");
-        let mut skip = vec![0u8; (offset - o.pos).min(1 << 20) as usize];
-        while o.pos < offset {
-            let n = ((offset - o.pos) as usize).min(skip.len());
-            self.fill(o, &mut skip[..n])?;
-        }
-        let mut r = self.fill(o, buf);
-        let done = r.is_ok() && o.pos == self.size;
+        let (mut r, end) = if self.vhd {
+            let r = self.read_vhd(&mut guard, offset, buf);
+            (r, self.head.get().and_then(VhdHead::data_end))
+        } else {
+            let r = self.seek(&mut guard, offset).and_then(|o| self.fill(o, buf));
+            (r, Some(self.size))
+        };
+        let done = r.is_ok() && guard.as_ref().is_some_and(|o| Some(o.pos) == end);
         if done {
-            r = self.expect_end(o);
+            r = self.expect_end(guard.as_mut().expect("open when done"));
         }
         if r.is_err() || done {
             // Finished (or broken): the transfer's slot goes to the next export now.
-            if let Some(o) = guard.take() {
-                self.finish(o);
-            }
+            *guard = None;
         }
         r
     }
-}
 
-impl HttpRawDisk {
-    /// After the last byte the pool closes the connection: wait for that (so the export is
-    /// over on its side too before the next one starts), and refuse a longer export.
-    fn expect_end(&self, o: &mut Open) -> io::Result<()> {
-        let mut one = [0u8; 1];
-        loop {
-            match o.body.read(&mut one) {
-                Ok(0) => return Ok(()),
-                Ok(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("the export of VDI {} is longer than its {} bytes", self.vdi, self.size),
-                    ))
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
+        blockdev::check_range(self.size, offset, 1)?;
+        let max_len = max_len.min(self.size - offset);
+        if !self.vhd {
+            return Ok(Run { kind: Allocation::Data, len: max_len });
         }
-    }
-
-    /// Close the stream and forget its task (the pool finishes it).
-    fn finish(&self, o: Open) {
-        drop(o.body);
-        let _ = self.client.call("task.destroy", &[serde_json::json!(o.task)]);
-    }
-}
-
-impl Drop for HttpRawDisk {
-    fn drop(&mut self) {
-        if let Some(o) = self.open.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            self.finish(o);
-        }
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.head(&mut guard)?.map.run(offset, max_len))
     }
 }
 
@@ -162,44 +326,54 @@ pub fn vhd_block_map(client: &Client, vdi: &str, size: u64, transfer: &Transfer)
     let task = client.create_task("vmvault block map")?;
     let r = client
         .http_get("/export_raw_vdi", &[("vdi", vdi), ("format", "vhd"), ("task_id", &task)])
-        .and_then(|mut body| read_bat(&mut body, size));
+        .and_then(|mut body| read_head(&mut body, size));
     let _ = client.call("task.destroy", &[serde_json::json!(task)]);
-    r
+    r.map(|h| h.map)
 }
 
 /// Parse the head of a dynamic VHD stream up to the end of its BAT.
-fn read_bat(body: &mut dyn Read, size: u64) -> Result<BlockMap> {
+fn read_head(body: &mut dyn Read, size: u64) -> Result<VhdHead> {
     let io = |e| Error::io("reading the VHD export's header", e);
+    let bad = |d: String| Error::protocol("export_raw_vdi?format=vhd", d);
     let mut head = vec![0u8; 1536];
     body.read_exact(&mut head).map_err(io)?;
     let footer = Footer::from_bytes(&head[..512], 0)?;
     if footer.disk_type != DiskType::Dynamic || footer.data_offset != 512 {
-        return Err(Error::protocol("export_raw_vdi?format=vhd", "not a dynamic VHD with its header at 512"));
+        return Err(bad("not a dynamic VHD with its header at 512".into()));
     }
     if footer.current_size != size {
-        return Err(Error::protocol(
-            "export_raw_vdi?format=vhd",
-            format!("a {} byte VHD for a {size} byte disk", footer.current_size),
-        ));
+        return Err(bad(format!("a {} byte VHD for a {size} byte disk", footer.current_size)));
     }
     let header = DynHeader::from_bytes(&head[512..1536], 512)?;
     let block = u64::from(header.block_size);
     let entries = u64::from(header.max_table_entries);
+    if block == 0 || block > 1 << 30 {
+        return Err(bad(format!("a block size of {block} bytes")));
+    }
     if header.table_offset < 1536 || entries < size.div_ceil(block) || entries > MAX_BAT_ENTRIES {
-        return Err(Error::protocol(
-            "export_raw_vdi?format=vhd",
-            format!("a BAT of {entries} entries at {}", header.table_offset),
-        ));
+        return Err(bad(format!("a BAT of {entries} entries at {}", header.table_offset)));
     }
     io::copy(&mut body.take(header.table_offset - 1536), &mut io::sink()).map_err(io)?;
     let mut bat = vec![0u8; (entries * 4) as usize];
     body.read_exact(&mut bat).map_err(io)?;
-    let present = bat
+    let consumed = header.table_offset + entries * 4;
+    let bitmap = header.bitmap_bytes();
+    let at: Vec<Option<u64>> = bat
         .chunks_exact(4)
         .take(size.div_ceil(block) as usize)
-        .map(|e| u32::from_be_bytes([e[0], e[1], e[2], e[3]]) != u32::MAX)
+        .map(|e| u32::from_be_bytes([e[0], e[1], e[2], e[3]]))
+        .map(|e| (e != u32::MAX).then(|| u64::from(e) * 512))
         .collect();
-    Ok(BlockMap { block, present })
+    // Blocks must lie after the table and not overlap (any order is fine).
+    let mut sorted: Vec<u64> = at.iter().flatten().copied().collect();
+    sorted.sort_unstable();
+    let overlap = sorted.windows(2).any(|w| w[1] < w[0] + bitmap + block);
+    if sorted.first().is_some_and(|&a| a < consumed) || overlap {
+        return Err(bad("blocks overlap each other or the block table".into()));
+    }
+    let map = BlockMap { block, present: at.iter().map(Option::is_some).collect() };
+    let end = (0u64..).zip(&at).filter_map(|(b, a)| a.map(|a| a + bitmap + block.min(size - b * block))).max();
+    Ok(VhdHead { block, bitmap, at, consumed, map, end })
 }
 
 /// Whether the pool's NBD server wants TLS: only the `insecure_nbd` purpose alone means
@@ -239,4 +413,107 @@ pub fn nbd_target(client: &Client, vdi: &str, uuid: &str, tls: bool) -> Result<O
         None
     };
     Ok(Some(Target { addr, export: s(info, "exportname").to_string(), label: format!("disk {uuid}"), tls }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// Streams replayed from bytes, counting how many were opened.
+    struct Replay {
+        bytes: Vec<u8>,
+        opened: Arc<AtomicU64>,
+    }
+
+    impl Exports for Replay {
+        fn open(&self, _format: &str) -> io::Result<Box<dyn Read + Send + Sync>> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(io::Cursor::new(self.bytes.clone())))
+        }
+    }
+
+    /// A 9 MiB + 3 KiB disk with data in blocks 0 and 3 (of 2 MiB) and its VHD stream.
+    fn sample() -> (Vec<u8>, Vec<u8>) {
+        let mut data = vec![0u8; (9 << 20) + 3072];
+        for (i, b) in data[..4096].iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        let n = data.len();
+        data[(6 << 20) + 5..(6 << 20) + 700].fill(7);
+        data[n - 10..].fill(9);
+        // A sparse file, so the writer sees the holes (as XAPI's VHD chains do).
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(data.len() as u64).unwrap();
+        for (at, len) in [(0, 4096), ((6 << 20) + 5, 695), (n - 10, 10)] {
+            std::os::unix::fs::FileExt::write_all_at(&file, &data[at..at + len], at as u64).unwrap();
+        }
+        let dev = blockdev::FileDev::from_file(file, false).unwrap();
+        let mut out = disk_formats::out::Stream(Vec::new());
+        disk_formats::vhd::write_dynamic(&dev, &mut out).unwrap();
+        (data, out.0)
+    }
+
+    fn disk(bytes: Vec<u8>, size: u64) -> (HttpDisk, Arc<AtomicU64>, Transfer) {
+        let opened = Arc::new(AtomicU64::new(0));
+        let transfer = Transfer::default();
+        let exports = Box::new(Replay { bytes, opened: opened.clone() });
+        (HttpDisk::over(exports, "test disk".into(), size, transfer.clone()), opened, transfer)
+    }
+
+    #[test]
+    fn a_vhd_stream_reads_back_the_disk_and_reports_its_holes() {
+        let (data, vhd) = sample();
+        let (d, opened, transfer) = disk(vhd.clone(), data.len() as u64);
+        let run = d.allocation(2 << 20, 4 << 20).unwrap();
+        assert_eq!((run.kind, run.len), (Allocation::Zero, 4 << 20));
+        assert_eq!(d.allocation(0, 1 << 30).unwrap().len, 2 << 20);
+        let mut got = vec![0u8; data.len()];
+        // Read in pieces, forward, as the archive does (holes included).
+        for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
+            d.read_at(i as u64 * (1 << 20), chunk).unwrap();
+        }
+        assert!(got == data);
+        assert_eq!(opened.load(Ordering::SeqCst), 1, "one stream, front to back");
+        assert_eq!(
+            transfer.received.load(Ordering::SeqCst),
+            vhd.len() as u64,
+            "the whole stream was consumed, footer included"
+        );
+        // A read behind the stream reopens it.
+        let mut b = vec![0u8; 100];
+        d.read_at(10, &mut b).unwrap();
+        assert_eq!(b, data[10..110]);
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_short_long_or_foreign_stream_is_an_error() {
+        let (data, vhd) = sample();
+        let size = data.len() as u64;
+        let read_all = |d: &HttpDisk| {
+            let mut got = vec![0u8; size as usize];
+            d.read_at(0, &mut got)
+        };
+        let (d, _, _) = disk(vhd[..vhd.len() / 2].to_vec(), size);
+        let e = read_all(&d).unwrap_err().to_string();
+        assert!(e.contains("ended after"), "{e}");
+        // All data there but no footer: not the end of a VHD either.
+        let (d, _, _) = disk(vhd[..vhd.len() - 700].to_vec(), size);
+        assert!(read_all(&d).unwrap_err().to_string().contains("does not end"));
+        let mut longer = vhd.clone();
+        longer.extend_from_slice(&[1; 100]);
+        let (d, _, _) = disk(longer, size);
+        assert!(read_all(&d).unwrap_err().to_string().contains("does not end"));
+        let (d, _, _) = disk(vhd.clone(), size + 512);
+        assert!(d.allocation(0, 1).unwrap_err().to_string().contains("byte VHD for a"));
+        // A raw stream of the same disk reads back too; a short one is refused.
+        let (d, _, _) = disk(data.clone(), size);
+        let mut got = vec![0u8; size as usize];
+        d.raw().read_at(0, &mut got).unwrap();
+        assert!(got == data);
+        let (d, _, _) = disk(data[..100].to_vec(), size);
+        assert!(d.raw().read_at(0, &mut got).is_err());
+    }
 }

@@ -1,11 +1,14 @@
 //! What a pool sends the capture client, from arbitrary bytes: XAPI's JSON-RPC and XML-RPC
 //! answers decode to a value or an error; an NBD server's handshake and read replies (the
 //! input as everything the server says) end in a session or an error, and reads return the
-//! requested length or an error — never a panic, never a hang (the input ends).
+//! requested length or an error — never a panic, never a hang (the input ends); the input as
+//! a `/export_raw_vdi?format=vhd` stream reads as a disk or fails.
 #![no_main]
 use std::io::{self, Read, Write};
 
+use blockdev::BlockDev;
 use capture::nbd::Session;
+use capture::source::{Exports, HttpDisk};
 use capture::xapi::wire::{decode, Protocol};
 use libfuzzer_sys::fuzz_target;
 
@@ -28,7 +31,26 @@ impl Write for Replay {
     }
 }
 
+/// Export streams replayed from the input.
+struct Stream(Vec<u8>);
+
+impl Exports for Stream {
+    fn open(&self, _format: &str) -> io::Result<Box<dyn Read + Send + Sync>> {
+        Ok(Box::new(io::Cursor::new(self.0.clone())))
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    // The size a VHD footer at the start claims (bytes 48..56), when it is small.
+    let claimed = data.get(48..56).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+    if let Some(size) = claimed.filter(|&s| s > 0 && s <= 16 << 20) {
+        let disk = HttpDisk::over(Box::new(Stream(data.to_vec())), "fuzz".into(), size, Default::default());
+        let mut buf = vec![0u8; size as usize];
+        if disk.allocation(0, size).is_ok() {
+            let _ = disk.read_at(0, &mut buf);
+            let _ = disk.read_at(size / 3, &mut buf[..(size / 2) as usize]);
+        }
+    }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = decode(Protocol::JsonRpc, "VM.get_record", text);
         let _ = decode(Protocol::XmlRpc, "VM.get_record", text);

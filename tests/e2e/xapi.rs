@@ -633,3 +633,180 @@ vms = ["test"]
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no [pool.nope]"), "{}", text(&out));
 }
+
+/// A plain HTTP/1.1 request to the simulator: the status code and the body (read to the
+/// end of the connection, as XAPI's transfers are delimited).
+fn http(pool: &Pool, method: &str, target: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let addr = pool.url.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n", body.len());
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(body).unwrap();
+    let mut all = Vec::new();
+    conn.read_to_end(&mut all).unwrap();
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head, all[split + 4..].to_vec())
+}
+
+impl Pool {
+    fn session(&self) -> String {
+        let s = xapi_sim::api::call(&self.sim, "session.login_with_password", vec!["root".into(), "password".into()]);
+        s.unwrap().as_str().unwrap().to_string()
+    }
+
+    fn call(&self, method: &str, args: &[&str]) -> Value {
+        let mut params = vec![Value::from(self.session())];
+        params.extend(args.iter().map(|a| Value::from(*a)));
+        xapi_sim::api::call(&self.sim, method, params).unwrap_or_else(|f| panic!("{method}: {f:?}"))
+    }
+
+    /// The VM refs a finished import task names.
+    fn imported(&self, head: &str) -> String {
+        let task = head.lines().find_map(|l| l.strip_prefix("task-id: ")).unwrap().trim().to_string();
+        let st = self.sim.state();
+        assert_eq!(st.db.str(&task, "status"), "success", "import task: {:?}", st.db.get(&task));
+        let result = st.db.str(&task, "result");
+        let at = result.find("OpaqueRef:").unwrap();
+        result[at..].split('<').next().unwrap().to_string()
+    }
+
+    fn disks_of(&self, vm: &str) -> Vec<(String, Vec<u8>)> {
+        let st = self.sim.state();
+        let mut out: Vec<(String, Vec<u8>)> = st
+            .db
+            .refs(vm, "VBDs")
+            .iter()
+            .map(|vbd| (st.db.str(vbd, "userdevice"), read_all(&st.disks[&st.db.str(&st.db.str(vbd, "VDI"), "uuid")])))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+#[test]
+fn xapi_xva_export_and_import_carry_disks_and_memory_both_ways() {
+    let pool = Pool::start(SCENARIO, |_| {});
+    let s = pool.session();
+    // The pool's export of a checkpoint, with its memory, imported by vmvault.
+    let web = pool.vm("web");
+    let cp = pool.call("VM.checkpoint", &[&web, "cp"]);
+    let cp = cp.as_str().unwrap();
+    let (status, head, xva) =
+        http(&pool, "GET", &format!("/export?session_id={s}&ref={cp}&preserve_power_state=true"), b"");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.starts_with("HTTP/1.0 200 OK") && head.contains("export.xva"), "{head}");
+    std::fs::write(pool.env.path("web.xva"), &xva).unwrap();
+    pool.env.ok(&["import", "--vm", "web-xva", pool.env.path("web.xva").to_str().unwrap()]);
+    let cat = |name: &str| pool.env.cmd().args(["cat", name]).output().unwrap().stdout;
+    assert!(cat("web-xva@latest:memory") == pool.memory("web"), "the checkpoint's memory came through");
+    let disks = pool.disks("web");
+    assert!(cat("web-xva@latest:xvda") == disks[0].1 && cat("web-xva@latest:xvdb") == disks[1].1);
+    // Without preserve_power_state: halted, no memory in the package.
+    let (_, _, plain) = http(&pool, "GET", &format!("/export?session_id={s}&ref={cp}"), b"");
+    assert!(plain.len() < xva.len() - (4 << 20), "no memory image: {} vs {}", plain.len(), xva.len());
+    // A running VM cannot be exported; a bad session is refused.
+    let (status, _, _) = http(&pool, "GET", &format!("/export?session_id={s}&ref={web}"), b"");
+    assert_eq!(status, 500);
+    let (status, _, _) = http(&pool, "GET", &format!("/export?session_id=OpaqueRef:nope&ref={cp}"), b"");
+    assert_eq!(status, 401);
+
+    // vmvault's XVA of a disk & memory backup, imported by the pool: a suspended VM that resumes.
+    pool.ok("backup", &["--vm", "web", "--memory"]);
+    let out = pool.env.path("out.xva");
+    pool.env.ok(&["export", "web@latest", "-f", "xva", "-o", out.to_str().unwrap()]);
+    let (status, head, _) = http(&pool, "PUT", &format!("/import?session_id={s}"), &std::fs::read(&out).unwrap());
+    assert_eq!(status, 200, "{head}");
+    let vm = pool.imported(&head);
+    assert_eq!(pool.field(&vm, "power_state"), "Suspended");
+    assert_eq!(pool.disks_of(&vm), pool.disks("web"));
+    let vifs = pool.sim.state().db.refs(&vm, "VIFs");
+    assert_eq!(pool.field(&pool.field(&vifs[0], "network"), "name_label"), "lan");
+    pool.call("VM.resume", &[&vm, "false", "false"]);
+    assert_eq!(pool.field(&vm, "power_state"), "Running");
+    let mem = xapi_sim::hooks::memory_of(&pool.sim.state(), &vm).unwrap();
+    let resumed = read_all(&pool.sim.state().disks[&mem]);
+    assert!(resumed == pool.memory("web"), "resumed with the backup's memory");
+
+    // The pool's own export round trip, zstd-compressed: a halted VM with identical disks.
+    let mail = pool.vm("mail");
+    let (_, _, z) = http(&pool, "GET", &format!("/export?session_id={s}&ref={mail}&use_compression=zstd"), b"");
+    assert_eq!(&z[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+    let (_, head, _) = http(&pool, "PUT", &format!("/import?session_id={s}&restore=false"), &z);
+    let copy = pool.imported(&head);
+    assert_ne!(copy, mail);
+    assert_eq!(pool.field(&copy, "power_state"), "Halted");
+    assert_eq!(pool.disks_of(&copy), pool.disks("mail"));
+    // A damaged package is refused and leaves nothing behind.
+    let vms_before = pool.count("VM", |_| true);
+    let vdis_before = pool.count("VDI", |_| true);
+    let mut bad = std::fs::read(&out).unwrap();
+    let n = bad.len();
+    bad[n / 2] ^= 0xff;
+    let (_, head, _) = http(&pool, "PUT", &format!("/import?session_id={s}"), &bad);
+    let task = head.lines().find_map(|l| l.strip_prefix("task-id: ")).unwrap().trim().to_string();
+    assert_eq!(pool.field(&task, "status"), "failure");
+    assert!(pool.sim.state().db.get(&task).unwrap().rec["error_info"][0] == "IMPORT_ERROR");
+    assert_eq!((pool.count("VM", |_| true), pool.count("VDI", |_| true)), (vms_before, vdis_before));
+}
+
+/// Two hosts on one socket (told apart by the Host header); the SR `far` only on the second.
+const TWO_HOSTS: &str = r#"
+[[host]]
+name = "master"
+[[host]]
+name = "xcp2"
+address = "localhost"
+[[sr]]
+name = "Local storage"
+[[sr]]
+name = "far"
+hosts = ["xcp2"]
+[[vm]]
+name = "web"
+seed = 21
+[[vm.disk]]
+size = "64MiB"
+data = 0.01
+sr = "far"
+[[vm.disk]]
+size = "3MiB"
+data = 0.5
+"#;
+
+#[test]
+fn xapi_http_transfers_follow_redirects_skip_holes_and_catch_errors_in_the_body() {
+    let pool = Pool::start(TWO_HOSTS, |_| {});
+    let out = pool.ok("backup", &["--vm", "web", "--transport", "http", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let redirects = pool.sim.stats.redirects.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(redirects >= 1, "the far disk's export went to xcp2");
+    pool.assert_web_identical("over HTTP with a redirect");
+    // The VHD export's block table lets 2 MiB blocks without data stay on the pool.
+    let far = pool.disk_uuid("web", 0);
+    let allocated = {
+        let st = pool.sim.state();
+        let d = &st.disks[&far];
+        (0..32u64).filter(|b| (0..32).any(|k| d.allocated(b * 32 + k))).count() as u64
+    };
+    assert!(allocated < 28, "the scenario leaves some 2 MiB blocks empty ({allocated} of 32 hold data)");
+    let served = pool.sim.stats.served.lock().unwrap().get(&far).copied().unwrap_or(0);
+    assert!(served < (allocated + 1) * (2 << 20), "{served} bytes served for {allocated} blocks holding data");
+    assert!(report["vms"][0]["bytes_read"].as_u64().unwrap() < 40 << 20, "{report}");
+
+    // Restore into the far SR: the upload is redirected too (after an empty probe).
+    pool.ok("restore", &["web@latest", "--name", "web-r", "--sr", "far"]);
+    assert!(pool.sim.stats.redirects.load(std::sync::atomic::Ordering::SeqCst) > redirects);
+    assert_eq!(pool.disks("web-r"), pool.disks("web"));
+
+    // xen-api #4603: a 200 whose body is an HTTP error fails that VM with the pool's reason.
+    pool.sim.hooks.lock().unwrap().fail("export", None, 1, xapi_sim::Fault::new("SR_BACKEND_FAILURE_46", ["", "x"]));
+    let out = pool.xapi("backup", &["--vm", "web", "--transport", "http", "--json"]);
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["vms"][0]["error"].as_str().unwrap().contains("SR_BACKEND_FAILURE_46"), "{report}");
+    assert_eq!(pool.snapshots_on_pool(), 0);
+    pool.env.ok(&["check", "--read-data"]);
+}

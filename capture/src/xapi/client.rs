@@ -244,7 +244,8 @@ impl Client {
     /// Start a GET of an HTTP handler (`/export_raw_vdi`…), following XAPI's 302 redirects
     /// to the host holding the disk. Returns the body reader.
     pub fn http_get(&self, path: &str, query: &[(&str, &str)]) -> Result<Box<dyn Read + Send + Sync + 'static>> {
-        let resp = self.http("GET", path, query, |req| req.call())?;
+        let (_, resp) = self.http("GET", path, self.url(path, query)?, |req| req.call())?;
+        let task = resp.header("task-id").map(String::from);
         let mut reader = resp.into_reader();
         // xapi bug (xen-api #4603): a 200 whose body is a second HTTP error response.
         let mut first = [0u8; 5];
@@ -252,14 +253,19 @@ impl Client {
         if &first[..n] == b"HTTP/" {
             let mut rest = String::new();
             let _ = reader.take(4096).read_to_string(&mut rest);
+            // The transfer's task says why, in XAPI's terms, when it has failed.
+            if let Some(Err(e)) = task.map(|t| self.wait_task(path, &t, Some(Duration::from_secs(2)))) {
+                return Err(e);
+            }
             let line = format!("HTTP/{}", rest.lines().next().unwrap_or(""));
             return Err(Error::protocol(path, format!("the pool sent an error inside the transfer: {line}")));
         }
         Ok(Box::new(std::io::Cursor::new(first[..n].to_vec()).chain(reader)))
     }
 
-    /// PUT a body of `len` bytes to an HTTP handler (`/import_raw_vdi`…). `body` makes the
-    /// body afresh for each attempt (a 302 to another host means sending it again).
+    /// PUT a body of `len` bytes to an HTTP handler (`/import_raw_vdi`…). A 302 can only be
+    /// seen once a body was sent, so an empty probe goes first (without the task, which it
+    /// would finish) to find the host that takes the data — as Xen Orchestra does.
     pub fn http_put(
         &self,
         path: &str,
@@ -267,19 +273,31 @@ impl Client {
         len: u64,
         body: &mut dyn FnMut() -> Box<dyn Read + Send>,
     ) -> Result<()> {
-        self.http("PUT", path, query, |req| req.set("Content-Length", &len.to_string()).send(body()))?;
+        let probe: Vec<(&str, &str)> = query.iter().filter(|(k, _)| *k != "task_id").copied().collect();
+        let (at, resp) = self.http("PUT", path, self.url(path, &probe)?, |req| req.send_bytes(&[]))?;
+        drop(resp);
+        let mut url = self.url(path, query)?;
+        url.set_host(at.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
+        let _ = url.set_port(at.port());
+        self.http("PUT", path, url, |req| req.set("Content-Length", &len.to_string()).send(body()))?;
         Ok(())
     }
 
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<url::Url> {
+        let mut url = self.base.join(path).map_err(|e| Error::Usage(e.to_string()))?;
+        url.query_pairs_mut().extend_pairs(query.iter().copied());
+        Ok(url)
+    }
+
+    /// Send a request at `url`, following XAPI's 302s to other hosts (same scheme, path and
+    /// query, the host and port of the `Location`). Returns where it was answered, and how.
     fn http(
         &self,
         method: &str,
         path: &str,
-        query: &[(&str, &str)],
+        mut url: url::Url,
         mut send: impl FnMut(ureq::Request) -> std::result::Result<ureq::Response, ureq::Error>,
-    ) -> Result<ureq::Response> {
-        let mut url = self.base.join(path).map_err(|e| Error::Usage(e.to_string()))?;
-        url.query_pairs_mut().extend_pairs(query.iter().copied());
+    ) -> Result<(url::Url, ureq::Response)> {
         for _ in 0..4 {
             let req = self.agent.request_url(method, &url).set("Cookie", &format!("session_id={}", self.session()));
             match send(req) {
@@ -289,7 +307,7 @@ impl Client {
                     url.set_host(next.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
                     let _ = url.set_port(next.port());
                 }
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((url, resp)),
                 Err(ureq::Error::Status(code, resp)) => {
                     let task = resp.header("task-id").map(String::from);
                     let mut text = String::new();
