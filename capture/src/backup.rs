@@ -3,6 +3,7 @@
 //! the VM's records as `meta.xapi`) → cleanup (the snapshot and its disks are destroyed,
 //! always, even after a failure or an interruption).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::cbt::{self, Patched};
 use crate::error::{Error, Result};
-use crate::nbd::{NbdDisk, Target};
+use crate::nbd::{probe, NbdDisk, Target};
 use crate::run::{Limits, Transfer};
 use crate::source::{nbd_target, nbd_wants_tls, vhd_block_map, HttpDisk};
 use crate::xapi::records::{flag, is_null, list, s, Bundle};
@@ -55,7 +56,7 @@ const AUDIT_BLOCKS: usize = 32;
 /// How disk data is read from the pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Transport {
-    /// NBD when `VDI.get_nbd_info` offers it, else HTTP.
+    /// NBD when `VDI.get_nbd_info` offers it and its server answers, else HTTP.
     #[default]
     Auto,
     /// NBD or fail.
@@ -308,6 +309,7 @@ fn transfer(
         keep: Keep::default(),
         incremental: false,
         nbd_tls: None,
+        nbd_up: HashMap::new(),
         via: Vec::new(),
         transfer: Transfer {
             received: Arc::default(),
@@ -420,6 +422,8 @@ struct Gather<'a> {
     incremental: bool,
     /// Whether the pool's NBD server wants TLS (asked once).
     nbd_tls: Option<bool>,
+    /// With `--transport auto`: whether the NBD server at each address answered a probe.
+    nbd_up: HashMap<String, bool>,
     /// The transports used ("NBD", "HTTP").
     via: Vec<&'static str>,
     transfer: Transfer,
@@ -590,7 +594,28 @@ impl Gather<'_> {
                 "disk {uuid}: the pool offers no NBD (no network has the nbd or insecure_nbd purpose)"
             )));
         }
-        Ok(target)
+        let Some(target) = target else { return Ok(None) };
+        if self.opts.transport == Transport::Auto {
+            // Offered is not reachable (a firewall, a host without the NBD service): one
+            // probe per server, and HTTP when it does not answer.
+            let up = match self.nbd_up.get(&target.addr) {
+                Some(&up) => up,
+                None => {
+                    let up = match probe(&target) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            self.say("warning", format!("NBD offered but not usable ({e}): reading over HTTP"));
+                            false
+                        }
+                    };
+                    *self.nbd_up.entry(target.addr.clone()).or_insert(up)
+                }
+            };
+            if !up {
+                return Ok(None);
+            }
+        }
+        Ok(Some(target))
     }
 }
 

@@ -129,6 +129,14 @@ fn send(s: &mut dyn Io, bytes: &[u8]) -> io::Result<()> {
     s.flush()
 }
 
+/// Connect, negotiate and disconnect: whether `target` serves its export now (and its size).
+pub fn probe(target: &Target) -> io::Result<u64> {
+    let conn = connect(target, None)?;
+    let size = conn.size;
+    conn.disconnect();
+    Ok(size)
+}
+
 /// Connect and negotiate; the connection is in transmission when this returns.
 fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
     let addrs: Vec<_> = t.addr.to_socket_addrs().map_err(|e| err(e.kind(), format!("{}: {e}", t.addr)))?.collect();

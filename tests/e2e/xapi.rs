@@ -399,6 +399,17 @@ fn xapi_nbd_reconnects_after_a_drop_and_fails_cleanly_when_it_keeps_dropping() {
     let xvda = pool.env.cmd().args(["cat", "web@latest:xvda"]).output().unwrap().stdout;
     assert!(xvda == pool.disks("web")[0].1, "read again after the drop: identical\n{}", text(&out));
 
+    // NBD offered but its server not answering: `auto` reads over HTTP and says why.
+    pool.sim.hooks.lock().unwrap().nbd_down = true;
+    let out = pool.ok("backup", &["--vm", "web"]);
+    assert!(stderr(&out).contains("NBD offered but not usable"), "{}", text(&out));
+    assert!(stderr(&out).contains("over HTTP"), "{}", text(&out));
+    let xvda = pool.env.cmd().args(["cat", "web@latest:xvda"]).output().unwrap().stdout;
+    assert!(xvda == pool.disks("web")[0].1, "identical over the HTTP fallback");
+    let out = pool.xapi("backup", &["--vm", "web", "--transport", "nbd"]);
+    assert!(!out.status.success(), "--transport nbd does not fall back");
+    pool.sim.hooks.lock().unwrap().nbd_down = false;
+
     for _ in 0..10 {
         pool.sim.hooks.lock().unwrap().drop_export(uuid.clone(), 1 << 20);
     }
