@@ -63,22 +63,31 @@ fn sniff(path: &Path) -> Result<Kind> {
     })
 }
 
+/// `[NAME=]FILE`: a path that exists as given is a file (even with a `=` in it); otherwise
+/// NAME is what comes before the first `=`. NAME defaults to the file's stem.
+fn split_spec(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((n, p)) if !Path::new(spec).exists() => (n.to_string(), PathBuf::from(p)),
+        _ => {
+            let p = PathBuf::from(spec);
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            (stem, p)
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, a: ImportArgs) -> Result<()> {
-    if a.files.len() == 1 && sniff(Path::new(&a.files[0]))? == Kind::Xva {
-        return import_xva(ctx, &a, Path::new(&a.files[0]));
+    if let [only] = a.files.as_slice() {
+        let path = split_spec(only).1;
+        if sniff(&path)? == Kind::Xva {
+            return import_xva(ctx, &a, &path);
+        }
     }
     let vm = a.vm.clone().ok_or_else(|| anyhow!("--vm NAME is needed for VHD files"))?;
     let mut sources = Vec::new();
     let mut origin = Vec::new();
     for spec in &a.files {
-        let (name, path) = match spec.split_once('=') {
-            Some((n, p)) => (n.to_string(), PathBuf::from(p)),
-            None => {
-                let p = PathBuf::from(spec);
-                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                (stem, p)
-            }
-        };
+        let (name, path) = split_spec(spec);
         if name.is_empty() || sources.iter().any(|s: &Source| s.name == name) {
             bail!("{spec:?}: each disk needs its own NAME (NAME=FILE)");
         }

@@ -821,3 +821,61 @@ fn xapi_http_transfers_follow_redirects_skip_holes_and_catch_errors_in_the_body(
     assert_eq!(pool.snapshots_on_pool(), 0);
     pool.env.ok(&["check", "--read-data"]);
 }
+
+#[test]
+fn xapi_sim_exports_differencing_vhds_against_a_base_and_imports_them_as_deltas() {
+    let pool = Pool::start(CBT_SCENARIO, |_| {});
+    let s = pool.session();
+    let web = pool.vm("web");
+    let snap_vdi = |name: &str| {
+        let snap = pool.call("VM.snapshot", &[&web, name]);
+        let st = pool.sim.state();
+        let vbd = st.db.refs(snap.as_str().unwrap(), "VBDs")[0].clone();
+        let vdi = st.db.str(&vbd, "VDI");
+        (vdi.clone(), st.db.str(&vdi, "uuid"))
+    };
+    let (a, a_uuid) = snap_vdi("a");
+    let changed = [3u64, 4, 700];
+    pool.write_blocks(&changed, false);
+    let (b, b_uuid) = snap_vdi("b");
+    let get = |q: &str| {
+        let (status, head, body) = http(&pool, "GET", &format!("/export_raw_vdi?session_id={s}&{q}"), b"");
+        assert_eq!(status, 200, "{head}");
+        body
+    };
+    let base = get(&format!("vdi={a}&format=vhd"));
+    let delta = get(&format!("vdi={b}&format=vhd&base={a_uuid}"));
+    // Blocks 3 and 4 share a 2 MiB VHD block, 700 is in another: two blocks in the delta.
+    assert!(delta.len() < 3 * (2 << 20), "{} bytes", delta.len());
+    assert_eq!(u32::from_be_bytes(delta[60..64].try_into().unwrap()), 4, "a differencing disk");
+    let (bp, dp) = (pool.env.path("base.vhd"), pool.env.path("delta.vhd"));
+    std::fs::write(&bp, &base).unwrap();
+    std::fs::write(&dp, &delta).unwrap();
+    // vmvault reads the chain (the parent matched by unique id) as the newer snapshot.
+    pool.env.ok(&["import", "--vm", "chain", &format!("xvda={}", dp.display()), "--parent", bp.to_str().unwrap()]);
+    let got = pool.env.cmd().args(["cat", "chain@latest:xvda"]).output().unwrap().stdout;
+    let want = read_all(&pool.sim.state().disks[&b_uuid]);
+    assert!(got == want, "base + delta = the newer snapshot");
+    // Raw with a base: full length, zeros outside the differing blocks.
+    let raw = get(&format!("vdi={b}&format=raw&base={a}"));
+    assert_eq!(raw.len(), want.len());
+    assert!(raw[..2 << 20] == want[..2 << 20], "VHD block 0 holds 64 KiB blocks 3 and 4");
+    assert!(raw[2 << 20..4 << 20].iter().all(|&x| x == 0) && want[2 << 20..4 << 20].iter().any(|&x| x != 0));
+    // Uploading the base then the delta into a new VDI rebuilds it.
+    let sr = pool.sim.state().db.str(&a, "SR");
+    let rec = serde_json::json!({"SR": sr, "virtual_size": want.len(), "type": "user", "name_label": "rebuilt"});
+    let params = vec![Value::from(s.clone()), rec];
+    let new = xapi_sim::api::call(&pool.sim, "VDI.create", params).unwrap();
+    for body in [&base, &delta] {
+        let q = format!("/import_raw_vdi?session_id={s}&vdi={}&format=vhd", new.as_str().unwrap());
+        let (status, head, _) = http(&pool, "PUT", &q, body);
+        assert_eq!(status, 200, "{head}");
+    }
+    let uuid = pool.field(new.as_str().unwrap(), "uuid");
+    assert!(read_all(&pool.sim.state().disks[&uuid]) == want);
+    // A base outside the disk's tree is refused.
+    let other = pool.disk_uuid("web", 1);
+    let (status, _, _) =
+        http(&pool, "GET", &format!("/export_raw_vdi?session_id={s}&vdi={b}&format=vhd&base={other}"), b"");
+    assert_eq!(status, 500);
+}

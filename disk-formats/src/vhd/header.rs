@@ -50,8 +50,9 @@ impl DynHeader {
         })
     }
 
-    /// The 1024 bytes, checksum included. (Writers here make no differencing disks, so
-    /// parent fields are written only as far as [`DynHeader::parent_id`] and the name.)
+    /// The 1024 bytes, checksum included. Of the parent fields, the id, timestamp and name
+    /// are written; locators are not (differencing disks written here name their parent by
+    /// unique id and file name only).
     pub fn to_bytes(&self) -> [u8; 1024] {
         let mut b = [0u8; 1024];
         b[0..8].copy_from_slice(HEADER_COOKIE);

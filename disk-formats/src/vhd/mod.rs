@@ -17,4 +17,4 @@ pub use footer::{DiskType, Footer, Geometry};
 pub use header::DynHeader;
 pub use read::{Layer, Vhd};
 pub use view::FixedView;
-pub use write::{write_dynamic, write_fixed};
+pub use write::{write_blocks, write_dynamic, write_fixed, ParentRef};

@@ -206,6 +206,13 @@ impl Vhd {
         Vhd::new(Layer::open(file)?, None)
     }
 
+    /// Any VHD read alone: a differencing disk shows only its own blocks (zeros, and
+    /// `Allocation::Zero`, elsewhere; sector bitmaps are not consulted) — what applying it
+    /// as a set of blocks onto an existing disk writes, as XAPI's `/import_raw_vdi` does.
+    pub fn blocks_of(file: Arc<dyn BlockDev>) -> Result<Self> {
+        Ok(Vhd { layer: Layer::open(file)?, parent: None })
+    }
+
     pub fn layer(&self) -> &Layer {
         &self.layer
     }

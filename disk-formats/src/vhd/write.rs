@@ -35,14 +35,21 @@ struct Plan {
 }
 
 fn plan(dev: &dyn BlockDev) -> Result<Plan> {
-    let header = DynHeader::new(dev.len(), TABLE_OFFSET)?;
+    let granules = data_granules(dev, u64::from(BLOCK_SIZE)).ctx(|| "listing the disk's data".into())?;
+    plan_blocks(dev.len(), granules.into_iter().flatten())
+}
+
+fn plan_blocks(size: u64, chosen: impl Iterator<Item = u64>) -> Result<Plan> {
+    let header = DynHeader::new(size, TABLE_OFFSET)?;
     let mut bat = vec![u32::MAX; header.max_table_entries as usize];
     let bat_bytes = (bat.len() as u64 * 4).next_multiple_of(512);
     let block_sectors = (header.bitmap_bytes() + u64::from(BLOCK_SIZE)) / 512;
     let mut sector = (TABLE_OFFSET + bat_bytes) / 512;
     let mut blocks = Vec::new();
-    let granules = data_granules(dev, u64::from(BLOCK_SIZE)).ctx(|| "listing the disk's data".into())?;
-    for block in granules.into_iter().flatten() {
+    for block in chosen {
+        if block as usize >= bat.len() || bat[block as usize] != u32::MAX {
+            return Err(Error::Usage(format!("block {block} is past the disk's end or listed twice")));
+        }
         // check_size bounds the file below 2^32 sectors.
         bat[block as usize] = u32::try_from(sector).map_err(|_| Error::Usage("VHD file too large".into()))?;
         blocks.push(block);
@@ -55,8 +62,45 @@ fn plan(dev: &dyn BlockDev) -> Result<Plan> {
 /// 2 MiB range holding any data, footer. Returns the bytes written.
 pub fn write_dynamic(dev: &dyn BlockDev, out: &mut dyn Output) -> Result<u64> {
     check_size(dev.len())?;
-    let plan = plan(dev)?;
-    let footer = Footer::new(DiskType::Dynamic, dev.len(), random_uuid()).to_bytes();
+    write_planned(dev, plan(dev)?, DiskType::Dynamic, random_uuid(), out)
+}
+
+/// The parent a differencing VHD names.
+#[derive(Clone, Debug)]
+pub struct ParentRef {
+    pub unique_id: [u8; 16],
+    /// Its file name (the header's parent name; no locators are written).
+    pub name: String,
+}
+
+/// Write the 2 MiB `blocks` of `dev` (ascending; `None`: those holding data) as a VHD with
+/// unique id `uid`: a differencing disk over `parent`, or a dynamic one without. How XAPI
+/// exports a VDI against a `base=` (reference §5.2): the blocks where the two chains differ.
+pub fn write_blocks(
+    dev: &dyn BlockDev,
+    blocks: Option<&[u64]>,
+    uid: [u8; 16],
+    parent: Option<&ParentRef>,
+    out: &mut dyn Output,
+) -> Result<u64> {
+    check_size(dev.len())?;
+    let mut plan = match blocks {
+        Some(b) => plan_blocks(dev.len(), b.iter().copied())?,
+        None => plan(dev)?,
+    };
+    let kind = match parent {
+        Some(p) => {
+            plan.header.parent_id = p.unique_id;
+            plan.header.parent_name = p.name.clone();
+            DiskType::Differencing
+        }
+        None => DiskType::Dynamic,
+    };
+    write_planned(dev, plan, kind, uid, out)
+}
+
+fn write_planned(dev: &dyn BlockDev, plan: Plan, kind: DiskType, uid: [u8; 16], out: &mut dyn Output) -> Result<u64> {
+    let footer = Footer::new(kind, dev.len(), uid).to_bytes();
     let mut written = 0u64;
     let mut put = |out: &mut dyn Output, b: &[u8]| -> Result<()> {
         written += b.len() as u64;
