@@ -104,6 +104,10 @@ fn root() -> String {
 #[serde(deny_unknown_fields, default)]
 struct JobSpec {
     pool: String,
+    /// The repository this job writes to (default: `--repo` / `VMVAULT_REPO`).
+    repo: Option<PathBuf>,
+    /// Its password file (default: `--password-file` / `VMVAULT_PASSWORD(_FILE)`).
+    repo_password_file: Option<PathBuf>,
     vms: Vec<String>,
     names: Vec<String>,
     tags: Vec<String>,
@@ -127,6 +131,8 @@ impl Default for JobSpec {
     fn default() -> Self {
         JobSpec {
             pool: String::new(),
+            repo: None,
+            repo_password_file: None,
             vms: Vec::new(),
             names: Vec::new(),
             tags: Vec::new(),
@@ -285,7 +291,9 @@ fn run_job(
 ) -> Result<()> {
     let start = Instant::now();
     let (log, path) = RunLog::create(dir, name)?;
-    log.write("start", json!({"job": name, "pid": std::process::id(), "host": archive::lock::hostname()}));
+    let repo = spec.repo.as_ref().or(ctx.repo_path.as_ref());
+    let host = archive::lock::hostname();
+    log.write("start", json!({"job": name, "pid": std::process::id(), "host": host, "repo": repo}));
     if !ctx.quiet {
         eprintln!("job {name}: run {} (log {})", log.run, path.display());
     }
@@ -316,6 +324,13 @@ fn backup_and_retain(
 ) -> Result<Vec<VmResult>> {
     let write = |l: &LogLine| {
         log.write("log", json!({"vm": l.vm, "phase": l.phase, "level": l.level, "message": l.message}));
+    };
+    let ctx = &Ctx {
+        repo_path: spec.repo.clone().or_else(|| ctx.repo_path.clone()),
+        password_file: spec.repo_password_file.clone().or_else(|| ctx.password_file.clone()),
+        json: ctx.json,
+        quiet: ctx.quiet,
+        lock_stale_minutes: ctx.lock_stale_minutes,
     };
     let (repo, report) = crate::xapi::run_backup(ctx, &spec.backup_args(pools)?, name, cancel, &write)?;
     for r in &report.results {

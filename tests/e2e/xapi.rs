@@ -572,10 +572,16 @@ keep_last = 2
 [job.lab]
 pool = "sim"
 vms = ["test"]
+repo = "lab-repo"
+repo_password_file = "lab.pw"
 "#,
         pool.url
     );
     std::fs::write(pool.env.path("jobs.toml"), jobs).unwrap();
+    // The lab job has a repository of its own, with its own passphrase.
+    std::fs::write(pool.env.path("lab.pw"), "lab secret\n").unwrap();
+    let lab = ["--repo", "lab-repo", "--password-file", "lab.pw"];
+    pool.env.ok(&[&lab[..], &["init", "--kdf-memory-kib", "256"]].concat());
     let logs = pool.env.path("logs");
     let logs = logs.to_str().unwrap();
     let job = |args: &[&str]| {
@@ -590,7 +596,9 @@ vms = ["test"]
     // Retention kept the last 2 of each prod VM; the lab job has none.
     let snaps = pool.env.json(&["snapshots"]);
     let count = |vm: &str| snaps.as_array().unwrap().iter().filter(|s| s["vm"] == vm).count();
-    assert_eq!((count("web"), count("db"), count("mail"), count("test")), (2, 2, 2, 3), "{snaps}");
+    assert_eq!((count("web"), count("db"), count("mail"), count("test")), (2, 2, 2, 0), "{snaps}");
+    let in_lab = pool.env.json(&[&lab[..], &["snapshots"]].concat());
+    assert_eq!(in_lab.as_array().unwrap().iter().filter(|s| s["vm"] == "test").count(), 3, "{in_lab}");
 
     let out = job(&["log", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
