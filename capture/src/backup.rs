@@ -306,7 +306,7 @@ fn transfer(
         parent: parent.as_ref(),
         reader: None,
         cbt: serde_json::Map::new(),
-        keep: Keep::default(),
+        keep: Keep { mark: repo.config().id.clone(), ..Keep::default() },
         incremental: false,
         nbd_tls: None,
         nbd_up: HashMap::new(),
@@ -403,7 +403,13 @@ struct Keep {
     vdis: Vec<(String, String)>,
     /// Uuids of the previous backup's bases.
     old_bases: Vec<String>,
+    /// The repository's id, written into the kept bases' `other_config["vmvault:cbt-base"]`
+    /// so stale bases of this repository can be told from another's.
+    mark: String,
 }
+
+/// The `other_config` key marking a CBT base kept by vmvault (its value: the repository id).
+const BASE_MARK: &str = "vmvault:cbt-base";
 
 /// The streams of a backup being put together: each VDI's record and the source reading it.
 struct Gather<'a> {
@@ -650,6 +656,30 @@ pub fn sweep_leftovers(client: &Client, job: &str, log: Log<'_>) -> Result<usize
     Ok(n)
 }
 
+/// Destroy the CBT bases of this VM's disks that this repository kept and no longer needs
+/// (a backup between that did not name them — a run without `--cbt`, a forgotten snapshot —
+/// left them behind). Bases marked by another repository are left alone.
+fn sweep_stale_bases(client: &Client, vm_name: &str, keep: &Keep, log: Log<'_>) {
+    let kept: Vec<&String> = keep.vdis.iter().map(|(r, _)| r).collect();
+    let mut n = 0;
+    for (vdi, _) in &keep.vdis {
+        let Ok(live) = client.call("VDI.get_snapshot_of", &[json!(vdi)]) else { continue };
+        let Ok(snaps) = client.call("VDI.get_snapshots", &[live]) else { continue };
+        for snap in snaps.as_array().into_iter().flatten().filter_map(Value::as_str) {
+            let Ok(rec) = client.call("VDI.get_record", &[json!(snap)]) else { continue };
+            let ours = rec["other_config"][BASE_MARK].as_str() == Some(keep.mark.as_str());
+            if ours && s(&rec, "type") == "cbt_metadata" && !kept.contains(&&snap.to_string()) {
+                if client.call("VDI.destroy", &[json!(snap)]).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    if n > 0 {
+        line(log, vm_name, "cleanup", "info", format!("{n} stale CBT base(s) of this repository destroyed"));
+    }
+}
+
 /// Destroy the snapshot VM and its disks (and memory image) — except, after a successful
 /// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
 /// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are
@@ -683,6 +713,11 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log
     let (mut failed, mut bases) = (0, 0);
     for vdi in &vdis {
         let base = kept.contains(&vdi);
+        if base {
+            let mark = keep.map(|k| k.mark.as_str()).unwrap_or_default();
+            let _ = client.call("VDI.remove_from_other_config", &[json!(vdi), json!(BASE_MARK)]);
+            let _ = client.call("VDI.add_to_other_config", &[json!(vdi), json!(BASE_MARK), json!(mark)]);
+        }
         let call = if base { "VDI.data_destroy" } else { "VDI.destroy" };
         let mut r = client.call(call, &[json!(vdi)]);
         for _ in 0..3 {
@@ -713,6 +748,9 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log
                 warn(&format!("destroy the previous CBT base {uuid}"), d);
             }
         }
+    }
+    if let Some(k) = keep.filter(|_| bases > 0) {
+        sweep_stale_bases(client, vm_name, k, log);
     }
     if failed == 0 {
         let kept = if bases > 0 { format!(", {bases} kept as CBT base(s)") } else { String::new() };

@@ -887,3 +887,33 @@ fn xapi_sim_exports_differencing_vhds_against_a_base_and_imports_them_as_deltas(
         http(&pool, "GET", &format!("/export_raw_vdi?session_id={s}&vdi={b}&format=vhd&base={other}"), b"");
     assert_eq!(status, 500);
 }
+
+#[test]
+fn xapi_cbt_bases_of_another_repository_are_kept_and_stale_ones_swept() {
+    let pool = Pool::start(CBT_SCENARIO, |_| {});
+    pool.backup_web(&["--cbt"]);
+    let a = pool.cbt_bases();
+    assert_eq!(a.len(), 2);
+    // A second repository backing up the same VM keeps bases of its own.
+    pool.env.ok(&["--repo", "other", "init", "--kdf-memory-kib", "256"]);
+    pool.ok("backup", &["--repo", "other", "--vm", "web", "--cbt"]);
+    let b: Vec<String> = pool.cbt_bases().into_iter().filter(|u| !a.contains(u)).collect();
+    assert_eq!(b.len(), 2);
+    // This repository's next backup is incremental against its own bases and replaces them.
+    pool.write_blocks(&[9], false);
+    let (vm, log) = pool.backup_web(&["--cbt"]);
+    assert!(log.contains("CBT: xvda: 65536 bytes in 1 changed range(s)"), "{log}");
+    assert_eq!(vm["bytes_read"], 65536);
+    let now = pool.cbt_bases();
+    assert!(b.iter().all(|u| now.contains(u)) && a.iter().all(|u| !now.contains(u)), "{now:?}");
+    // Its latest snapshot forgotten, the bases it named are stale: the next CBT backup (a
+    // full read: the snapshot before names bases already gone) destroys them.
+    let latest = pool.env.json(&["snapshots"]).as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_string();
+    pool.env.ok(&["forget", &latest]);
+    let (_, log) = pool.backup_web(&["--cbt"]);
+    assert!(log.contains("2 stale CBT base(s) of this repository destroyed"), "{log}");
+    let end = pool.cbt_bases();
+    assert_eq!(end.len(), 4, "2 of this repository, 2 of the other: {end:?}");
+    assert!(b.iter().all(|u| end.contains(u)));
+    pool.assert_web_identical("after the sweep");
+}
