@@ -6,7 +6,9 @@
 #   - local:    `vmvault backup` reading the image file itself (the baseline),
 #   - nbd:      `vmvault xapi backup --transport nbd` (plain NBD, purpose insecure_nbd),
 #   - nbd-tls:  the same against a second simulator whose network has purpose nbd (TLS),
-#   - http:     `vmvault xapi backup --transport http` (/export_raw_vdi, raw),
+#   - http:     `vmvault xapi backup --transport http` (/export_raw_vdi?format=vhd, parsed as
+#               it streams: blocks without data are not sent),
+#   - http-raw: the same with `--full` (format=raw: every byte of the disk crosses),
 # and, from one `--cbt` baseline, `--cbt` incrementals after the guest wrote 1 % of the disk
 # through the simulator's write hook (new places each run): `scattered` = random 64 KiB
 # blocks, `clustered` = random 1 MiB runs (the chunk size: a file rewritten whole).
@@ -87,8 +89,13 @@ for r in $(seq "$runs"); do
     timed nbd-tls "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$tls" --insecure --vm big --transport nbd
     repo=$(fresh)
     timed http "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport http
+    if [[ $r == "$runs" ]]; then
+        "$vmvault" -r "$repo" cat big@latest:xvda | cmp - "$work/day0.img" || die "the VHD-streamed disk differs from day0.img"
+    fi
+    repo=$(fresh)
+    timed http-raw "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport http --full
 done
-# The last http repository holds a backup of the disk; check it once against the image.
+# The last (http-raw) repository holds a backup of the disk; check it once against the image.
 "$vmvault" -r "$dir/repo" cat big@latest:xvda | cmp - "$work/day0.img" || die "the captured disk differs from day0.img"
 
 repo=$(fresh)
@@ -129,7 +136,7 @@ local = st.median(vals("local", 2))
 full = st.median(vals("nbd", 2))
 out = ["| case | time s (min / median / max) | MB/s (median) | read from the source MiB (median) | peak RSS MiB (median) | vs local (median) | vs NBD full (median) |",
        "|---|---|---|---|---|---|---|"]
-for case in ("local", "nbd", "nbd-tls", "http", "cbt-1pct-scattered", "cbt-1pct-clustered"):
+for case in ("local", "nbd", "nbd-tls", "http", "http-raw", "cbt-1pct-scattered", "cbt-1pct-clustered"):
     t = vals(case, 2)
     m = st.median(t)
     out.append(f"| {case} | {min(t):.2f} / {m:.2f} / {max(t):.2f} | {size / m / 1e6:.0f} | "
