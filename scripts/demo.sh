@@ -118,4 +118,24 @@ echo "== files inside web01's disk, as captured from the pool"
 vmvault ls web01@latest:/xvda/p1/ | head
 echo "== restore web01 to the pool as a new VM, suspended with its memory, and resume it"
 vmvault xapi restore web01@latest --fingerprint "$pin" --name web01-restored --suspended --start
+echo "== package db01 (suspended, with its memory) as an XVA and import it into the pool (PUT /import)"
+vmvault export db01@latest --format xva -o demo/db01.xva
+python3 - "http://${host#https://}" demo/db01.xva <<'PY'
+import json, sys, time, urllib.request as u
+base, path = sys.argv[1], sys.argv[2]
+def call(method, *params):
+    body = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}).encode()
+    req = u.Request(base + "/jsonrpc", data=body, headers={"content-type": "application/json"})
+    return json.load(u.urlopen(req))["result"]
+s = call("session.login_with_password", "root", "password")
+data = open(path, "rb").read()
+resp = u.urlopen(u.Request(f"{base}/import?session_id={s}", data=data, method="PUT"))
+task = resp.headers["task-id"]
+while call("task.get_status", s, task) == "pending":
+    time.sleep(0.1)
+result = call("task.get_result", s, task)
+vm = result[result.index("OpaqueRef:"):].split("<")[0]
+call("VM.set_name_label", s, vm, "db01-from-xva")
+print(f"imported {len(data) >> 20} MiB: db01-from-xva is {call('VM.get_power_state', s, vm)}")
+PY
 vmvault xapi vms --fingerprint "$pin"
