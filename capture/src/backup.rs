@@ -480,7 +480,10 @@ impl Gather<'_> {
                 Box::new(d)
             }
             None => {
-                let d = HttpDisk::new(self.client.clone(), vdi.to_string(), size, self.transfer.clone());
+                let mut d = HttpDisk::new(self.client.clone(), vdi.to_string(), size, self.transfer.clone());
+                if let Some(c) = &changed {
+                    d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
+                }
                 Box::new(if self.opts.full { d.raw() } else { d })
             }
         };

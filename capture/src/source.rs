@@ -76,18 +76,11 @@ impl Drop for TaskBody {
 impl Exports for PoolExports {
     fn open(&self, format: &str) -> io::Result<Box<dyn Read + Send + Sync>> {
         let task = self.client.create_task("vmvault export_raw_vdi").map_err(io::Error::from)?;
-        let body =
-            self.client.http_get("/export_raw_vdi", &[("vdi", &self.vdi), ("format", format), ("task_id", &task)]);
-        let body = TaskBody { body: Box::new(io::empty()), client: self.client.clone(), task }.with(body);
-        Ok(Box::new(body.map_err(io::Error::from)?))
-    }
-}
-
-impl TaskBody {
-    /// Take `body` (the task is forgotten on failure too).
-    fn with(mut self, body: Result<Box<dyn Read + Send + Sync>>) -> Result<TaskBody> {
-        self.body = body?;
-        Ok(self)
+        // Made first, so a failed request forgets the task too.
+        let mut t = TaskBody { body: Box::new(io::empty()), client: self.client.clone(), task };
+        let query = [("vdi", self.vdi.as_str()), ("format", format), ("task_id", t.task.as_str())];
+        t.body = self.client.http_get("/export_raw_vdi", &query)?;
+        Ok(Box::new(t))
     }
 }
 
@@ -121,6 +114,7 @@ pub struct HttpDisk {
     head: OnceLock<VhdHead>,
     open: Mutex<Option<Open>>,
     transfer: Transfer,
+    finish_at: u64,
 }
 
 impl std::fmt::Debug for HttpDisk {
@@ -143,7 +137,15 @@ impl HttpDisk {
     /// A disk of `size` bytes read from the streams of `exports` (`label` names it in errors).
     pub fn over(exports: Box<dyn Exports>, label: String, size: u64, transfer: Transfer) -> Self {
         let vhd = size <= VHD_MAX;
-        HttpDisk { exports, label, size, vhd, head: OnceLock::new(), open: Mutex::new(None), transfer }
+        let (head, open) = (OnceLock::new(), Mutex::new(None));
+        HttpDisk { exports, label, size, vhd, head, open, transfer, finish_at: size }
+    }
+
+    /// Close the stream once a read reaches `end` (the last byte the caller plans to read:
+    /// a CBT backup's last changed range), so the export slot goes to the next disk.
+    pub fn finish_at(mut self, end: u64) -> Self {
+        self.finish_at = end.min(self.size);
+        self
     }
 
     /// Read the disk as `format=raw` (every byte crosses the network).
@@ -230,11 +232,16 @@ impl HttpDisk {
         let o = self.seek(guard, data)?;
         self.fill(o, buf)?;
         let bitmap = &o.bitmap.as_ref().expect("read above").1;
-        for (i, sector) in buf.chunks_mut(512).enumerate() {
-            let n = (within / 512) as usize + i;
-            if bitmap.get(n / 8).is_none_or(|byte| byte & (0x80 >> (n % 8)) == 0) {
-                sector.fill(0);
+        // Sectors by their place in the block (the read need not start on a sector).
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = within + pos as u64;
+            let n = ((512 - at % 512) as usize).min(buf.len() - pos);
+            let s = (at / 512) as usize;
+            if bitmap.get(s / 8).is_none_or(|byte| byte & (0x80 >> (s % 8)) == 0) {
+                buf[pos..pos + n].fill(0);
             }
+            pos += n;
         }
         Ok(())
     }
@@ -261,7 +268,8 @@ impl HttpDisk {
     fn expect_end(&self, o: &mut Open) -> io::Result<()> {
         let mut rest = Vec::new();
         // A block's tail and a footer (VHD) or nothing (raw); more is not an end.
-        (&mut o.body).take(4 << 20).read_to_end(&mut rest)?;
+        let block = self.head.get().map_or(0, |h| h.block);
+        (&mut o.body).take(block + (1 << 20)).read_to_end(&mut rest)?;
         self.transfer.count(rest.len() as u64);
         let ok = if self.vhd {
             rest.len() >= 512
@@ -299,8 +307,9 @@ impl BlockDev for HttpDisk {
         if done {
             r = self.expect_end(guard.as_mut().expect("open when done"));
         }
-        if r.is_err() || done {
-            // Finished (or broken): the transfer's slot goes to the next export now.
+        if r.is_err() || done || offset + buf.len() as u64 >= self.finish_at {
+            // Finished (or broken, or past what the caller needs): the transfer's slot goes
+            // to the next export now.
             *guard = None;
         }
         r
@@ -486,6 +495,32 @@ mod tests {
         d.read_at(10, &mut b).unwrap();
         assert_eq!(b, data[10..110]);
         assert_eq!(opened.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn sector_bitmaps_apply_to_the_sectors_a_read_covers() {
+        use disk_formats::vhd::footer::random_uuid;
+        // One 4 KiB block whose bitmap marks only sector 1 written.
+        let size = 4096u64;
+        let mut header = DynHeader::new(size, 1536).unwrap();
+        header.block_size = 4096;
+        header.max_table_entries = 1;
+        let footer = Footer::new(DiskType::Dynamic, size, random_uuid()).to_bytes();
+        let mut stream = footer.to_vec();
+        stream.extend_from_slice(&header.to_bytes());
+        let mut bat = vec![0u8; 512];
+        bat[..4].copy_from_slice(&4u32.to_be_bytes());
+        stream.extend_from_slice(&bat);
+        let mut bitmap = vec![0u8; 512];
+        bitmap[0] = 0x40;
+        stream.extend_from_slice(&bitmap);
+        stream.extend_from_slice(&[0xaa; 4096]);
+        stream.extend_from_slice(&footer);
+        let (d, _, _) = disk(stream, size);
+        let mut b = vec![1u8; 512];
+        d.read_at(256, &mut b).unwrap();
+        assert!(b[..256].iter().all(|&x| x == 0), "sector 0 is not written");
+        assert!(b[256..].iter().all(|&x| x == 0xaa), "sector 1 is");
     }
 
     #[test]

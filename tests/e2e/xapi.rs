@@ -916,4 +916,17 @@ fn xapi_cbt_bases_of_another_repository_are_kept_and_stale_ones_swept() {
     assert_eq!(end.len(), 4, "2 of this repository, 2 of the other: {end:?}");
     assert!(b.iter().all(|u| end.contains(u)));
     pool.assert_web_identical("after the sweep");
+    // CBT over HTTP, one export at a time: each disk's stream is let go after its last
+    // changed range, so the second disk's export can start.
+    pool.write_blocks(&[3], false);
+    {
+        let uuid = pool.disk_uuid("web", 1);
+        let mut st = pool.sim.state();
+        st.disks.get_mut(&uuid).unwrap().write(65536, &[7u8; 65536]).unwrap();
+    }
+    let (vm, log) = pool.backup_web(&["--cbt", "--transport", "http", "--exports-at-once", "1"]);
+    assert_eq!(vm["status"], "success", "{log}");
+    assert!(log.contains("CBT: xvda: 65536 bytes in 1 changed range(s)"), "{log}");
+    assert!(log.contains("CBT: xvdb: 65536 bytes in 1 changed range(s)"), "{log}");
+    pool.assert_web_identical("after CBT over HTTP");
 }

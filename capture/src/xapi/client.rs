@@ -255,7 +255,9 @@ impl Client {
             let _ = reader.take(4096).read_to_string(&mut rest);
             // The transfer's task says why, in XAPI's terms, when it has failed.
             if let Some(Err(e)) = task.map(|t| self.wait_task(path, &t, Some(Duration::from_secs(2)))) {
-                return Err(e);
+                if e.code().is_some() {
+                    return Err(e);
+                }
             }
             let line = format!("HTTP/{}", rest.lines().next().unwrap_or(""));
             return Err(Error::protocol(path, format!("the pool sent an error inside the transfer: {line}")));
@@ -274,8 +276,27 @@ impl Client {
         body: &mut dyn FnMut() -> Box<dyn Read + Send>,
     ) -> Result<()> {
         let probe: Vec<(&str, &str)> = query.iter().filter(|(k, _)| *k != "task_id").copied().collect();
-        let (at, resp) = self.http("PUT", path, self.url(path, &probe)?, |req| req.send_bytes(&[]))?;
-        drop(resp);
+        let mut at = self.url(path, &probe)?;
+        for _ in 0..4 {
+            let req = self.agent.request_url("PUT", &at).set("Cookie", &format!("session_id={}", self.session()));
+            // Only a redirect matters: whatever else the probe gets (an empty import may fail)
+            // means this host takes the data. Its task is waited for, so the probe's import is
+            // over before the real one starts.
+            let resp = match req.send_bytes(&[]) {
+                Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => return Err(self.transport_error(path, e)),
+            };
+            let task = resp.header("task-id").map(String::from);
+            let location = (resp.status() == 302).then(|| resp.header("location").unwrap_or("").to_string());
+            drop(resp);
+            if let Some(t) = task {
+                let _ = self.wait_task(path, &t, Some(Duration::from_secs(10)));
+            }
+            let Some(location) = location else { break };
+            let next = at.join(&location).map_err(|e| Error::protocol(path, format!("bad redirect: {e}")))?;
+            at.set_host(next.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
+            let _ = at.set_port(next.port());
+        }
         let mut url = self.url(path, query)?;
         url.set_host(at.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
         let _ = url.set_port(at.port());
