@@ -610,14 +610,12 @@ impl Gather<'_> {
             let up = match self.nbd_up.get(&target.addr) {
                 Some(&up) => up,
                 None => {
-                    let up = match probe(&target) {
-                        Ok(_) => true,
-                        Err(e) => {
-                            self.say("warning", format!("NBD offered but not usable ({e}): reading over HTTP"));
-                            false
-                        }
-                    };
-                    *self.nbd_up.entry(target.addr.clone()).or_insert(up)
+                    let probed = probe(&target);
+                    if let Err(e) = &probed {
+                        self.say("warning", format!("NBD offered but not usable ({e}): reading over HTTP"));
+                    }
+                    self.nbd_up.insert(target.addr.clone(), probed.is_ok());
+                    probed.is_ok()
                 }
             };
             if !up {

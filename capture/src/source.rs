@@ -73,14 +73,20 @@ impl Drop for TaskBody {
     }
 }
 
-impl Exports for PoolExports {
-    fn open(&self, format: &str) -> io::Result<Box<dyn Read + Send + Sync>> {
-        let task = self.client.create_task("vmvault export_raw_vdi").map_err(io::Error::from)?;
+impl PoolExports {
+    fn export(&self, format: &str) -> Result<TaskBody> {
+        let task = self.client.create_task("vmvault export_raw_vdi")?;
         // Made first, so a failed request forgets the task too.
         let mut t = TaskBody { body: Box::new(io::empty()), client: self.client.clone(), task };
         let query = [("vdi", self.vdi.as_str()), ("format", format), ("task_id", t.task.as_str())];
         t.body = self.client.http_get("/export_raw_vdi", &query)?;
-        Ok(Box::new(t))
+        Ok(t)
+    }
+}
+
+impl Exports for PoolExports {
+    fn open(&self, format: &str) -> io::Result<Box<dyn Read + Send + Sync>> {
+        Ok(Box::new(self.export(format)?))
     }
 }
 
@@ -94,15 +100,9 @@ struct VhdHead {
     /// Bytes up to the end of the BAT.
     consumed: u64,
     map: BlockMap,
+    /// Stream offset just past the last byte of the disk the stream holds (the rest is the
+    /// tail of a block past the disk's end, and the footer); `None` when no block is present.
     end: Option<u64>,
-}
-
-impl VhdHead {
-    /// Stream offset just past the last byte of the disk the stream holds (the rest is
-    /// the tail of a block past the disk's end, and the footer).
-    fn data_end(&self) -> Option<u64> {
-        self.end
-    }
 }
 
 /// A VDI exported over HTTP.
@@ -174,7 +174,7 @@ impl HttpDisk {
     fn head(&self, guard: &mut Option<Open>) -> io::Result<&VhdHead> {
         if self.head.get().is_none() {
             let o = self.start()?;
-            let empty = self.head.get().is_some_and(|h| h.data_end().is_none());
+            let empty = self.head.get().is_some_and(|h| h.end.is_none());
             if empty {
                 drop(o); // nothing to read: the slot goes now
             } else {
@@ -298,7 +298,7 @@ impl BlockDev for HttpDisk {
         let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let (mut r, end) = if self.vhd {
             let r = self.read_vhd(&mut guard, offset, buf);
-            (r, self.head.get().and_then(VhdHead::data_end))
+            (r, self.head.get().and_then(|h| h.end))
         } else {
             let r = self.seek(&mut guard, offset).and_then(|o| self.fill(o, buf));
             (r, Some(self.size))
@@ -330,14 +330,10 @@ impl BlockDev for HttpDisk {
 const MAX_BAT_ENTRIES: u64 = 1 << 22;
 
 /// Which blocks of VDI `vdi` (of `size` bytes) hold data, from its VHD export's BAT.
-pub fn vhd_block_map(client: &Client, vdi: &str, size: u64, transfer: &Transfer) -> Result<BlockMap> {
+pub fn vhd_block_map(client: &Arc<Client>, vdi: &str, size: u64, transfer: &Transfer) -> Result<BlockMap> {
     let _permit = transfer.slot();
-    let task = client.create_task("vmvault block map")?;
-    let r = client
-        .http_get("/export_raw_vdi", &[("vdi", vdi), ("format", "vhd"), ("task_id", &task)])
-        .and_then(|mut body| read_head(&mut body, size));
-    let _ = client.call("task.destroy", &[serde_json::json!(task)]);
-    r.map(|h| h.map)
+    let mut body = PoolExports { client: client.clone(), vdi: vdi.to_string() }.export("vhd")?;
+    read_head(&mut body, size).map(|h| h.map)
 }
 
 /// Parse the head of a dynamic VHD stream up to the end of its BAT.
@@ -356,9 +352,6 @@ fn read_head(body: &mut dyn Read, size: u64) -> Result<VhdHead> {
     let header = DynHeader::from_bytes(&head[512..1536], 512)?;
     let block = u64::from(header.block_size);
     let entries = u64::from(header.max_table_entries);
-    if block == 0 || block > 1 << 30 {
-        return Err(bad(format!("a block size of {block} bytes")));
-    }
     if header.table_offset < 1536 || entries < size.div_ceil(block) || entries > MAX_BAT_ENTRIES {
         return Err(bad(format!("a BAT of {entries} entries at {}", header.table_offset)));
     }

@@ -32,7 +32,7 @@ data = 0.03
 
 struct Pool {
     sim: Arc<Sim>,
-    client: Client,
+    client: Arc<Client>,
     _dir: tempfile::TempDir,
 }
 
@@ -50,7 +50,7 @@ fn pool(purpose: &str) -> Pool {
         retries: 0,
     })
     .unwrap();
-    Pool { sim, client, _dir: dir }
+    Pool { sim, client: Arc::new(client), _dir: dir }
 }
 
 impl Pool {

@@ -215,6 +215,7 @@ pub fn hint(e: &anyhow::Error) -> Option<&'static str> {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Ctx {
     pub(crate) repo_path: Option<PathBuf>,
     pub(crate) password_file: Option<PathBuf>,

@@ -328,9 +328,7 @@ fn backup_and_retain(
     let ctx = &Ctx {
         repo_path: spec.repo.clone().or_else(|| ctx.repo_path.clone()),
         password_file: spec.repo_password_file.clone().or_else(|| ctx.password_file.clone()),
-        json: ctx.json,
-        quiet: ctx.quiet,
-        lock_stale_minutes: ctx.lock_stale_minutes,
+        ..ctx.clone()
     };
     let (repo, report) = crate::xapi::run_backup(ctx, &spec.backup_args(pools)?, name, cancel, &write)?;
     for r in &report.results {

@@ -244,7 +244,7 @@ impl Client {
     /// Start a GET of an HTTP handler (`/export_raw_vdi`…), following XAPI's 302 redirects
     /// to the host holding the disk. Returns the body reader.
     pub fn http_get(&self, path: &str, query: &[(&str, &str)]) -> Result<Box<dyn Read + Send + Sync + 'static>> {
-        let (_, resp) = self.http("GET", path, self.url(path, query)?, |req| req.call())?;
+        let resp = self.http("GET", path, self.url(path, query)?, |req| req.call())?;
         let task = resp.header("task-id").map(String::from);
         let mut reader = resp.into_reader();
         // xapi bug (xen-api #4603): a 200 whose body is a second HTTP error response.
@@ -293,13 +293,10 @@ impl Client {
                 let _ = self.wait_task(path, &t, Some(Duration::from_secs(10)));
             }
             let Some(location) = location else { break };
-            let next = at.join(&location).map_err(|e| Error::protocol(path, format!("bad redirect: {e}")))?;
-            at.set_host(next.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
-            let _ = at.set_port(next.port());
+            follow(&mut at, &location, path)?;
         }
         let mut url = self.url(path, query)?;
-        url.set_host(at.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
-        let _ = url.set_port(at.port());
+        follow(&mut url, at.as_str(), path)?;
         self.http("PUT", path, url, |req| req.set("Content-Length", &len.to_string()).send(body()))?;
         Ok(())
     }
@@ -310,25 +307,19 @@ impl Client {
         Ok(url)
     }
 
-    /// Send a request at `url`, following XAPI's 302s to other hosts (same scheme, path and
-    /// query, the host and port of the `Location`). Returns where it was answered, and how.
+    /// Send a request at `url`, following XAPI's 302s to other hosts (see [`follow`]).
     fn http(
         &self,
         method: &str,
         path: &str,
         mut url: url::Url,
         mut send: impl FnMut(ureq::Request) -> std::result::Result<ureq::Response, ureq::Error>,
-    ) -> Result<(url::Url, ureq::Response)> {
+    ) -> Result<ureq::Response> {
         for _ in 0..4 {
             let req = self.agent.request_url(method, &url).set("Cookie", &format!("session_id={}", self.session()));
             match send(req) {
-                Ok(resp) if resp.status() == 302 => {
-                    let loc = resp.header("location").unwrap_or("").to_string();
-                    let next = url.join(&loc).map_err(|e| Error::protocol(path, format!("bad redirect: {e}")))?;
-                    url.set_host(next.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
-                    let _ = url.set_port(next.port());
-                }
-                Ok(resp) => return Ok((url, resp)),
+                Ok(resp) if resp.status() == 302 => follow(&mut url, resp.header("location").unwrap_or(""), path)?,
+                Ok(resp) => return Ok(resp),
                 Err(ureq::Error::Status(code, resp)) => {
                     let task = resp.header("task-id").map(String::from);
                     let mut text = String::new();
@@ -346,6 +337,15 @@ impl Client {
         }
         Err(Error::protocol(path, "too many redirects"))
     }
+}
+
+/// Point `url` at the host and port of `location` (a redirect), keeping its scheme, path and
+/// query: XAPI redirects to the same handler on the host that holds the data.
+fn follow(url: &mut url::Url, location: &str, path: &str) -> Result<()> {
+    let next = url.join(location).map_err(|e| Error::protocol(path, format!("bad redirect: {e}")))?;
+    url.set_host(next.host_str()).map_err(|e| Error::protocol(path, e.to_string()))?;
+    let _ = url.set_port(next.port());
+    Ok(())
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -61,8 +61,7 @@ fn plan_blocks(size: u64, chosen: impl Iterator<Item = u64>) -> Result<Plan> {
 /// Write `dev` as a dynamic VHD: footer copy, header, BAT, one block (bitmap + 2 MiB) per
 /// 2 MiB range holding any data, footer. Returns the bytes written.
 pub fn write_dynamic(dev: &dyn BlockDev, out: &mut dyn Output) -> Result<u64> {
-    check_size(dev.len())?;
-    write_planned(dev, plan(dev)?, DiskType::Dynamic, random_uuid(), out)
+    write_blocks(dev, None, random_uuid(), None, out)
 }
 
 /// The parent a differencing VHD names.
@@ -96,10 +95,6 @@ pub fn write_blocks(
         }
         None => DiskType::Dynamic,
     };
-    write_planned(dev, plan, kind, uid, out)
-}
-
-fn write_planned(dev: &dyn BlockDev, plan: Plan, kind: DiskType, uid: [u8; 16], out: &mut dyn Output) -> Result<u64> {
     let footer = Footer::new(kind, dev.len(), uid).to_bytes();
     let mut written = 0u64;
     let mut put = |out: &mut dyn Output, b: &[u8]| -> Result<()> {
