@@ -11,7 +11,12 @@
 #   - http-raw: the same with `--full` (format=raw: every byte of the disk crosses),
 # and, from one `--cbt` baseline, `--cbt` incrementals after the guest wrote 1 % of the disk
 # through the simulator's write hook (new places each run): `scattered` = random 64 KiB
-# blocks, `clustered` = random 1 MiB runs (the chunk size: a file rewritten whole).
+# blocks, `clustered` = random 1 MiB runs (the chunk size: a file rewritten whole); `0pct` =
+# nothing written (what every CBT run costs whatever changed: the repository's passphrase KDF,
+# the pool's calls, the commit); `open` = `vmvault snapshots` (opening the repository: the
+# KDF). The `-64k` rows repeat the full and the CBT runs in a repository made with
+# `init --chunker fixed:64K` (FORMAT.md §6.4: for disks with scattered churn), compared with
+# the full backup into that kind of repository.
 # RUNS times each (default 3), wall time and peak RSS (/usr/bin/time), min / median / max,
 # MB/s of the disk's 2 GiB. Targets: NBD and HTTP close to the local read; a CBT incremental
 # with 1 % changed ≤ 3 % of the full NBD backup's time. Page cache warm (the simulator's
@@ -98,11 +103,9 @@ done
 # The last (http-raw) repository holds a backup of the disk; check it once against the image.
 "$vmvault" -r "$dir/repo" cat big@latest:xvda | cmp - "$work/day0.img" || die "the captured disk differs from day0.img"
 
-repo=$(fresh)
-"$vmvault" -r "$repo" xapi backup -q --host "$plain" --vm big --cbt >/dev/null 2>&1 || die "CBT baseline failed"
-for r in $(seq "$runs"); do
-    for shape in scattered clustered; do
-        python3 - "$plain" "$r" "$shape" <<'PY'
+# write RUN SHAPE: the guest writes 1 % of the disk (SHAPE scattered or clustered).
+write() {
+    python3 - "$plain" "$1" "$2" <<'PY'
 import random, sys, urllib.request
 url, run, shape = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 blocks = (2 << 30) // 65536
@@ -115,16 +118,44 @@ for off, n in writes:
     q = f"{url}/sim/write?vm=big&disk=0&offset={off}&len={n}&seed={run * 100000 + off // 65536}"
     urllib.request.urlopen(urllib.request.Request(q, method="POST")).read()
 PY
-        timed "cbt-1pct-$shape" "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --cbt --cbt-audit-every 0
-    done
-done
-grep -q "changed range" "$dir/err" || die "the CBT run did not use CBT: $(cat "$dir/err")"
-"$vmvault" -r "$repo" cat big@latest:xvda >"$dir/cbt.raw"
-python3 - "$plain" "$dir/cbt.raw" <<'PY' || die "the CBT backup differs from the simulator's disk"
+}
+# check REPO: its latest backup is the simulator's disk.
+check() {
+    "$vmvault" -r "$1" cat big@latest:xvda >"$dir/cbt.raw"
+    python3 - "$plain" "$dir/cbt.raw" <<'PY' || die "the CBT backup in $1 differs from the simulator's disk"
 import sys, urllib.request
 want = urllib.request.urlopen(f"{sys.argv[1]}/sim/disk?vm=big&disk=0").read()
 sys.exit(0 if open(sys.argv[2], "rb").read() == want else 1)
 PY
+    rm -f "$dir/cbt.raw"
+}
+cbt=(xapi backup --host "$plain" --vm big --cbt --cbt-audit-every 0)
+repo=$(fresh)
+"$vmvault" -r "$repo" xapi backup -q --host "$plain" --vm big --cbt >/dev/null 2>&1 || die "CBT baseline failed"
+for r in $(seq "$runs"); do
+    for shape in scattered clustered; do
+        write "$((2 * r))" "$shape"
+        timed "cbt-1pct-$shape" "$r" "$repo" "$vmvault" -r "$repo" "${cbt[@]}"
+        grep -q "changed range" "$dir/err" || die "the CBT run did not use CBT: $(cat "$dir/err")"
+    done
+    timed cbt-0pct "$r" "$repo" "$vmvault" -r "$repo" "${cbt[@]}"
+    /usr/bin/time -f '%e %M' -o "$dir/time" "$vmvault" -r "$repo" snapshots -q >/dev/null
+    read -r secs rss <"$dir/time"
+    printf 'open\t%s\t%s\t%s\t0\n' "$r" "$secs" "$rss" >>"$tsv"
+done
+check "$repo"
+# The same in a fixed:64K repository: each run a full (CBT on: the next incrementals'
+# baseline), then the two shapes.
+repo64=$dir/repo64
+"$vmvault" -r "$repo64" init -q --chunker fixed:64K >/dev/null
+for r in $(seq "$runs"); do
+    timed nbd-64k "$r" "$repo64" "$vmvault" -r "$repo64" "${cbt[@]}" --full
+    for shape in scattered clustered; do
+        write "$((2 * r + 1))" "$shape"
+        timed "cbt-1pct-$shape-64k" "$r" "$repo64" "$vmvault" -r "$repo64" "${cbt[@]}"
+    done
+done
+check "$repo64"
 
 python3 - "$tsv" "$work/xapi-results.md" <<'PY'
 import sys, statistics as st
@@ -134,14 +165,25 @@ def vals(case, col):
 size = 2 << 30
 local = st.median(vals("local", 2))
 full = st.median(vals("nbd", 2))
-out = ["| case | time s (min / median / max) | MB/s (median) | read from the source MiB (median) | peak RSS MiB (median) | vs local (median) | vs NBD full (median) |",
+full64 = st.median(vals("nbd-64k", 2))
+out = ["| case | time s (min / median / max) | MB/s (median) | read from the source MiB (median) | peak RSS MiB (median) | vs local (median) | vs the NBD full, same repository kind (median) |",
        "|---|---|---|---|---|---|---|"]
-for case in ("local", "nbd", "nbd-tls", "http", "http-raw", "cbt-1pct-scattered", "cbt-1pct-clustered"):
+cases = ("local", "nbd", "nbd-tls", "http", "http-raw", "cbt-1pct-scattered", "cbt-1pct-clustered", "cbt-0pct",
+         "open", "nbd-64k", "cbt-1pct-scattered-64k", "cbt-1pct-clustered-64k")
+for case in cases:
     t = vals(case, 2)
     m = st.median(t)
+    base = full64 if case.endswith("64k") else full
     out.append(f"| {case} | {min(t):.2f} / {m:.2f} / {max(t):.2f} | {size / m / 1e6:.0f} | "
                f"{st.median(vals(case, 4)) / 2**20:.0f} | {st.median(vals(case, 3)) / 1024:.0f} | "
-               f"{m / local:.2f}× | {m / full * 100:.1f} % |")
+               f"{m / local:.2f}× | {m / base * 100:.1f} % |")
+fixed = st.median(vals("cbt-0pct", 2))
+out.append("")
+out.append(f"A CBT run with nothing changed takes {fixed:.2f} s (opening the repository alone: "
+           f"{st.median(vals('open', 2)):.2f} s). Beyond that, 1 % changed costs (median minus that): "
+           + ", ".join(f"{c} {(st.median(vals(c, 2)) - fixed) / (full64 if c.endswith('64k') else full) * 100:.1f} %"
+                       for c in ("cbt-1pct-scattered", "cbt-1pct-clustered", "cbt-1pct-scattered-64k", "cbt-1pct-clustered-64k"))
+           + " of the full backup into the same kind of repository.")
 text = "\n".join(out) + "\n"
 open(sys.argv[2], "w").write(text)
 print(text)

@@ -198,8 +198,11 @@ pub fn backup(
         known.parent.insert(e.id);
     }
     let chunker = Chunker::new(repo.config().chunker, repo.key().gear_seed())?;
-    let plans: Vec<Vec<Range<u64>>> =
-        sources.iter().zip(&parent_maps).map(|(s, pm)| read_plan(s, pm.as_ref(), &unusable)).collect();
+    let plans: Vec<Vec<Range<u64>>> = sources
+        .iter()
+        .zip(&parent_maps)
+        .map(|(s, pm)| read_plan(s, pm.as_ref(), &unusable, u64::from(repo.config().zero_block)))
+        .collect();
     progress.total.store(plans.iter().flatten().map(|r| r.end - r.start).sum(), Ordering::Relaxed);
 
     let workers =
@@ -298,8 +301,8 @@ pub fn backup(
 }
 
 /// The ranges of a source to read: all of it, or its changed ranges — plus the extents
-/// whose chunks a pending prune deletes — widened to the parent's extents.
-fn read_plan(s: &Source, parent: Option<&StreamMap>, unusable: &HashSet<ChunkId>) -> Vec<Range<u64>> {
+/// whose chunks a pending prune deletes — widened to the parent's chunk extents.
+fn read_plan(s: &Source, parent: Option<&StreamMap>, unusable: &HashSet<ChunkId>, zero_block: u64) -> Vec<Range<u64>> {
     match (&s.changed, parent) {
         (Some(changed), Some(pm)) => {
             let mut ranges = changed.clone();
@@ -307,21 +310,33 @@ fn read_plan(s: &Source, parent: Option<&StreamMap>, unusable: &HashSet<ChunkId>
                 ExtentKind::Chunk(id) if unusable.contains(&id) => Some(e.offset..e.end()),
                 _ => None,
             }));
-            expand_to_extents(&ranges, pm)
+            expand_to_extents(&ranges, pm, zero_block)
         }
         _ => vec![0..s.dev.len()],
     }
 }
 
-/// Widen changed ranges to the parent's extent boundaries, merged and sorted.
-fn expand_to_extents(changed: &[Range<u64>], pm: &StreamMap) -> Vec<Range<u64>> {
+/// Widen changed ranges to the parent's chunk extents they touch, merged and sorted. Where a
+/// range starts or ends inside a zero extent, it is widened to a multiple of `zero_block`
+/// within that extent only: a zero extent can be cut anywhere, and reading the rest of a
+/// long run of zeros again (from the parent: memset and rescan) would be wasted work.
+fn expand_to_extents(changed: &[Range<u64>], pm: &StreamMap, zero_block: u64) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();
     let mut sorted: Vec<Range<u64>> =
         changed.iter().filter(|r| r.start < r.end && r.start < pm.size).cloned().collect();
     sorted.sort_by_key(|r| r.start);
     for r in sorted {
-        let a = pm.extents[pm.find(r.start)].offset;
-        let b = pm.extents[pm.find(r.end.min(pm.size) - 1)].end();
+        let first = &pm.extents[pm.find(r.start)];
+        let a = match first.kind {
+            ExtentKind::Chunk(_) => first.offset,
+            ExtentKind::Zero => (r.start / zero_block * zero_block).max(first.offset),
+        };
+        let end = r.end.min(pm.size);
+        let last = &pm.extents[pm.find(end - 1)];
+        let b = match last.kind {
+            ExtentKind::Chunk(_) => last.end(),
+            ExtentKind::Zero => end.div_ceil(zero_block).saturating_mul(zero_block).min(last.end()),
+        };
         match out.last_mut() {
             Some(last) if last.end >= a => last.end = last.end.max(b),
             _ => out.push(a..b),
@@ -484,4 +499,69 @@ fn build_map(done: Vec<Done>, parent: Option<&StreamMap>) -> StreamMap {
         }
     }
     b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extents::MapBuilder;
+
+    const K: u64 = 1024;
+    const M: u64 = 1024 * K;
+
+    /// chunk 0..1M, zeros 1M..10M, chunk 10M..11M, zeros 11M..20M.
+    fn parent() -> StreamMap {
+        let mut b = MapBuilder::default();
+        b.push_chunk(M as u32, ChunkId([1; 32]));
+        b.push_zero(9 * M);
+        b.push_chunk(M as u32, ChunkId([2; 32]));
+        b.push_zero(9 * M);
+        b.finish()
+    }
+
+    #[test]
+    fn changes_widen_to_whole_chunks_but_cut_zero_extents_at_zero_blocks() {
+        let pm = parent();
+        let z = 64 * K;
+        // Inside a zero extent: only the 64 KiB block around it, not the 9 MiB of zeros.
+        assert_eq!(expand_to_extents(&[M + 100 * K..M + 104 * K], &pm, z), vec![M + 64 * K..M + 128 * K]);
+        // From a chunk into zeros: the whole chunk, then up to the next zero block.
+        assert_eq!(expand_to_extents(&[512 * K..M + 4 * K], &pm, z), vec![0..M + 64 * K]);
+        // One byte of a chunk is the whole chunk; ranges that meet after widening merge.
+        assert_eq!(
+            expand_to_extents(&[10 * M + 5..10 * M + 6, 11 * M - 10..11 * M + 10], &pm, z),
+            vec![10 * M..11 * M + 64 * K]
+        );
+        // A zero block larger than the zero extent's part: clipped to the extent.
+        assert_eq!(expand_to_extents(&[9 * M + 1..9 * M + 2], &pm, 4 * M), vec![8 * M..10 * M]);
+        assert_eq!(expand_to_extents(&[19 * M..19 * M + 1], &pm, 16 * M), vec![16 * M..20 * M]);
+        assert_eq!(expand_to_extents(&[12 * M..12 * M + 1], &pm, 16 * M), vec![11 * M..16 * M]);
+    }
+
+    #[test]
+    fn a_map_rebuilt_around_cut_zero_extents_covers_the_stream() {
+        let pm = parent();
+        let plan = expand_to_extents(&[M + 100 * K..M + 104 * K], &pm, 64 * K);
+        let new = ChunkId([3; 32]);
+        let done = vec![
+            Done::Parent(0, plan[0].start),
+            Done::Chunk(plan[0].start, 64 * K as u32, new),
+            Done::Parent(plan[0].end, pm.size - plan[0].end),
+        ];
+        let map = build_map(done, Some(&pm));
+        assert_eq!(map.size, pm.size);
+        let kinds: Vec<(u64, u32, ExtentKind)> = map.extents.iter().map(|e| (e.offset, e.len, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, M as u32, ExtentKind::Chunk(ChunkId([1; 32]))),
+                (M, 64 * K as u32, ExtentKind::Zero),
+                (M + 64 * K, 64 * K as u32, ExtentKind::Chunk(new)),
+                (M + 128 * K, (9 * M - 128 * K) as u32, ExtentKind::Zero),
+                (10 * M, M as u32, ExtentKind::Chunk(ChunkId([2; 32]))),
+                (11 * M, 9 * M as u32, ExtentKind::Zero),
+            ]
+        );
+        StreamMap::from_bytes(&map.to_bytes(), "t").expect("a valid map");
+    }
 }

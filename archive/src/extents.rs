@@ -162,18 +162,23 @@ impl MapBuilder {
         }
     }
 
-    /// Append a copy of `src`'s extents covering `start .. start + len` (both on extent
-    /// boundaries of `src`).
+    /// Append a copy of `src`'s extents covering `start .. start + len`. Both ends must lie on
+    /// a boundary of `src`'s chunk extents; zero extents are cut to the range.
     pub fn push_from(&mut self, src: &StreamMap, start: u64, len: u64) {
         if len == 0 {
             return;
         }
+        let end = start + len;
         let mut i = src.find(start);
-        while i < src.extents.len() && src.extents[i].offset < start + len {
+        while i < src.extents.len() && src.extents[i].offset < end {
             let e = src.extents[i];
             match e.kind {
-                ExtentKind::Zero => self.push_zero(u64::from(e.len)),
-                ExtentKind::Chunk(id) => self.push_chunk(e.len, id),
+                // A zero extent may be cut: only its part inside the range is copied.
+                ExtentKind::Zero => self.push_zero(e.end().min(end) - e.offset.max(start)),
+                ExtentKind::Chunk(id) => {
+                    debug_assert!(e.offset >= start && e.end() <= end, "a chunk extent cut by push_from");
+                    self.push_chunk(e.len, id)
+                }
             }
             i += 1;
         }

@@ -18,8 +18,19 @@ use crate::store::ChunkStore;
 pub struct ReadAhead {
     /// Chunks fetched ahead of a sequential reader.
     pub chunks: usize,
-    /// Threads fetching in the background.
+    /// Threads fetching in the background: the chunks of multi-chunk reads, of
+    /// [`BlockDev::will_need`] hints and of read-ahead. 0: every chunk is fetched by the read
+    /// that needs it, and hints are ignored.
     pub threads: usize,
+}
+
+impl ReadAhead {
+    /// No guessing: only reads and [`BlockDev::will_need`] hints fetch chunks. For a caller
+    /// whose sequential reads are not a sign of more to come (a CBT backup reads the parent
+    /// around each change only, the hints say where).
+    pub fn hinted() -> Self {
+        Self { chunks: 0, ..Self::default() }
+    }
 }
 
 impl Default for ReadAhead {
@@ -41,7 +52,7 @@ pub struct StreamReader {
 
 impl StreamReader {
     pub fn new(store: Arc<ChunkStore>, map: StreamMap, ahead: ReadAhead) -> Self {
-        let prefetch = (ahead.chunks > 0).then(|| spawn_prefetchers(&store, ahead.threads));
+        let prefetch = (ahead.threads > 0).then(|| spawn_prefetchers(&store, ahead.threads));
         Self { store, map, ahead, last_end: AtomicU64::new(u64::MAX), prefetch }
     }
 
@@ -197,8 +208,18 @@ impl RepoReader {
 
     /// A reader of stream `name` of snapshot `entry`.
     pub fn open(&self, entry: &crate::manifest::SnapshotEntry, name: &str) -> crate::Result<StreamReader> {
+        self.open_with(entry, name, ReadAhead::default())
+    }
+
+    /// [`open`](Self::open) with other read-ahead.
+    pub fn open_with(
+        &self,
+        entry: &crate::manifest::SnapshotEntry,
+        name: &str,
+        ahead: ReadAhead,
+    ) -> crate::Result<StreamReader> {
         let sref = entry.stream_ref(name)?;
         let map = self.repo.load_stream_map(&sref.map.parse()?)?;
-        Ok(StreamReader::new(self.store_for(&entry.id)?, map, ReadAhead::default()))
+        Ok(StreamReader::new(self.store_for(&entry.id)?, map, ahead))
     }
 }

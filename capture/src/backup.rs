@@ -494,7 +494,7 @@ impl Gather<'_> {
                     Some(r) => r,
                     None => self.reader.insert(RepoReader::new(self.repo.clone(), 64, 64 << 20)?),
                 };
-                let parent_dev = Box::new(reader.open(parent, &name)?);
+                let parent_dev = Box::new(reader.open_with(parent, &name, archive::reader::ReadAhead::hinted())?);
                 if self.audit(&name, &*dev, &*parent_dev, &c)? {
                     self.incremental = true;
                     let patched = Patched { source: dev, parent: parent_dev, changed: c.clone() };
@@ -535,7 +535,7 @@ impl Gather<'_> {
             Ok(r) => r.as_str().unwrap_or("").to_string(),
             Err(_) => return full(self, &format!("its base {base_uuid} is gone from the pool (CBT reset)")),
         };
-        let bitmap = match self.client.call("VDI.list_changed_blocks", &[json!(base_ref), json!(vdi)]) {
+        let bitmap = match call_unless_in_use(self.client, "VDI.list_changed_blocks", &[json!(base_ref), json!(vdi)]) {
             Ok(b) => b,
             Err(e) => return full(self, &format!("list_changed_blocks refused ({e}): CBT was reset")),
         };
@@ -685,6 +685,21 @@ fn sweep_stale_bases(client: &Client, vm_name: &str, keep: &Keep, log: Log<'_>) 
 /// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
 /// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are
 /// logged, not returned: a backup that succeeded stays a success.
+/// `client.call(method, args)`, retried while it fails with `VDI_IN_USE`, for up to ~15 s: dom0
+/// lets go of a disk read over NBD (or probed) a little after the connection closes, later on
+/// a busy host — XO retries these too.
+fn call_unless_in_use(client: &Client, method: &str, args: &[Value]) -> Result<Value> {
+    let mut r = client.call(method, args);
+    for wait_ms in [250, 500, 1000, 2000, 2000, 2000, 2000, 2000, 2000] {
+        if r.as_ref().err().and_then(Error::code) != Some("VDI_IN_USE") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        r = client.call(method, args);
+    }
+    r
+}
+
 fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log: Log<'_>) {
     let mut vdis = Vec::new();
     if let Ok(rec) = client.call("VM.get_record", &[json!(snap.r#ref)]) {
@@ -720,14 +735,7 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log
             let _ = client.call("VDI.add_to_other_config", &[json!(vdi), json!(BASE_MARK), json!(mark)]);
         }
         let call = if base { "VDI.data_destroy" } else { "VDI.destroy" };
-        let mut r = client.call(call, &[json!(vdi)]);
-        for _ in 0..3 {
-            if r.as_ref().err().and_then(Error::code) != Some("VDI_IN_USE") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            r = client.call(call, &[json!(vdi)]);
-        }
+        let mut r = call_unless_in_use(client, call, &[json!(vdi)]);
         if base && r.is_err() {
             // Not kept after all: the next backup reads this disk in full.
             let e = r.err().map(|e| e.to_string()).unwrap_or_default();

@@ -64,7 +64,54 @@ impl BlockDev for Patched {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         blockdev::check_range(self.len(), offset, buf.len() as u64)?;
-        let end = offset + buf.len() as u64;
+        for (from_source, r) in self.pieces(offset, offset + buf.len() as u64) {
+            let dst = &mut buf[(r.start - offset) as usize..(r.end - offset) as usize];
+            if from_source {
+                self.source.read_at(r.start, dst)?;
+            } else {
+                self.parent.read_at(r.start, dst)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each side's own answer for its piece: the parent's zero extents need not be read (and
+    /// rescanned) around a change.
+    fn allocation(&self, offset: u64, max_len: u64) -> io::Result<blockdev::Run> {
+        blockdev::check_range(self.len(), offset, 1)?;
+        let end = offset.saturating_add(max_len).min(self.len());
+        match self.pieces(offset, end).first() {
+            Some((true, r)) => self.source.allocation(offset, r.end - offset),
+            Some((false, r)) => self.parent.allocation(offset, r.end - offset),
+            None => Ok(blockdev::Run { kind: blockdev::Allocation::Data, len: 0 }),
+        }
+    }
+
+    /// Each side hears of its own pieces only: announcing a changed range to the parent would
+    /// have the repository reader decrypt chunks no read then asks for.
+    fn will_need(&self, offset: u64, len: u64) {
+        self.tell(offset, len, |d, o, n| d.will_need(o, n));
+    }
+
+    fn release(&self, offset: u64, len: u64) {
+        self.tell(offset, len, |d, o, n| d.release(o, n));
+    }
+}
+
+impl Patched {
+    /// Pass a hint about `len` bytes at `offset` to the side that serves each piece.
+    fn tell(&self, offset: u64, len: u64, hint: impl Fn(&dyn BlockDev, u64, u64)) {
+        let end = offset.saturating_add(len).min(self.len());
+        for (from_source, r) in self.pieces(offset.min(end), end) {
+            let dev = if from_source { &*self.source } else { &*self.parent };
+            hint(dev, r.start, r.end - r.start);
+        }
+    }
+
+    /// `offset..end` cut where the changed ranges begin and end: `(true, r)` for a piece the
+    /// pool must serve, `(false, r)` for one the parent backup does.
+    fn pieces(&self, offset: u64, end: u64) -> Vec<(bool, Range<u64>)> {
+        let mut out = Vec::new();
         let mut pos = offset;
         // The first changed range that ends after `offset`.
         let mut i = self.changed.partition_point(|r| r.end <= offset);
@@ -74,20 +121,13 @@ impl BlockDev for Patched {
                 Some(r) => (false, r.start.min(end)),
                 None => (false, end),
             };
-            let dst = &mut buf[(pos - offset) as usize..(until - offset) as usize];
             if from_source {
-                self.source.read_at(pos, dst)?;
                 i += 1;
-            } else {
-                self.parent.read_at(pos, dst)?;
             }
+            out.push((from_source, pos..until));
             pos = until;
         }
-        Ok(())
-    }
-
-    fn will_need(&self, offset: u64, len: u64) {
-        self.parent.will_need(offset, len);
+        out
     }
 }
 
@@ -150,6 +190,69 @@ mod tests {
         p.read_at(2 * BLOCK - 5, &mut part).unwrap();
         assert_eq!(part, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]);
         assert!(p.read_at(size - 1, &mut [0u8; 2]).is_err());
+    }
+
+    /// Records the ranges it is told of.
+    #[derive(Debug, Default)]
+    struct Told(std::sync::Mutex<Vec<Range<u64>>>, u64);
+
+    impl BlockDev for Told {
+        fn len(&self) -> u64 {
+            self.1
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn will_need(&self, offset: u64, len: u64) {
+            self.0.lock().unwrap().push(offset..offset + len);
+        }
+    }
+
+    #[test]
+    fn will_need_tells_each_side_of_its_own_pieces_only() {
+        let size = 8 * BLOCK;
+        let source = std::sync::Arc::new(Told(Default::default(), size));
+        let parent = std::sync::Arc::new(Told(Default::default(), size));
+        let changed = vec![BLOCK..2 * BLOCK, 5 * BLOCK..7 * BLOCK];
+        let p = Patched { source: Box::new(source.clone()), parent: Box::new(parent.clone()), changed };
+        p.will_need(BLOCK / 2, 6 * BLOCK);
+        assert_eq!(*source.0.lock().unwrap(), vec![BLOCK..2 * BLOCK, 5 * BLOCK..6 * BLOCK + BLOCK / 2]);
+        assert_eq!(*parent.0.lock().unwrap(), vec![BLOCK / 2..BLOCK, 2 * BLOCK..5 * BLOCK]);
+        p.will_need(5 * BLOCK, 1 << 40); // past the end: clipped
+        assert_eq!(source.0.lock().unwrap().last(), Some(&(5 * BLOCK..7 * BLOCK)));
+        assert_eq!(parent.0.lock().unwrap().last(), Some(&(7 * BLOCK..size)));
+    }
+
+    /// All holes.
+    #[derive(Debug)]
+    struct Holes(u64);
+
+    impl BlockDev for Holes {
+        fn len(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn allocation(&self, offset: u64, max_len: u64) -> io::Result<blockdev::Run> {
+            Ok(blockdev::Run { kind: blockdev::Allocation::Zero, len: max_len.min(self.0 - offset) })
+        }
+    }
+
+    #[test]
+    fn allocation_asks_the_side_that_serves_the_piece() {
+        use blockdev::{Allocation, Run};
+        let size = 8 * BLOCK;
+        let source = MemDev::new(vec![1u8; size as usize]);
+        let changed = vec![BLOCK..2 * BLOCK];
+        let p = Patched { source: Box::new(source), parent: Box::new(Holes(size)), changed };
+        assert_eq!(p.allocation(0, size).unwrap(), Run { kind: Allocation::Zero, len: BLOCK });
+        assert_eq!(p.allocation(BLOCK + 7, size).unwrap(), Run { kind: Allocation::Data, len: BLOCK - 7 });
+        assert_eq!(p.allocation(2 * BLOCK, 3).unwrap(), Run { kind: Allocation::Zero, len: 3 });
+        assert_eq!(p.allocation(2 * BLOCK, size).unwrap(), Run { kind: Allocation::Zero, len: 6 * BLOCK });
+        assert!(p.allocation(size, 1).is_err());
     }
 
     #[test]

@@ -527,6 +527,17 @@ fn xapi_cbt_reads_only_changed_blocks_and_falls_back_with_a_reason() {
     assert!(log.contains("CBT audit FAILED for xvda"), "{log}");
     pool.assert_web_identical("after a failed audit");
 
+    // A busy host: dom0 lets go of a disk 1.5 s after its NBD connection closed. The CBT
+    // query right after the NBD probe waits for it rather than taking VDI_IN_USE for a reset.
+    pool.sim.hooks.lock().unwrap().nbd_linger = std::time::Duration::from_millis(1500);
+    pool.write_blocks(&[600], false);
+    let (vm, log) = pool.backup_web(&["--cbt", "--cbt-audit-every", "0"]);
+    assert!(log.contains("CBT: xvda: 65536 bytes in 1 changed range(s)"), "{log}");
+    assert!(log.contains("2 kept as CBT base(s)"), "{log}");
+    assert_eq!(vm["bytes_read"], 65536, "{vm}");
+    pool.sim.hooks.lock().unwrap().nbd_linger = std::time::Duration::ZERO;
+    pool.assert_web_identical("after waiting for dom0");
+
     // CBT reset (disabled and enabled again: a new chain): full read, with the reason.
     let uuid = pool.disk_uuid("web", 0);
     let vdi = pool.sim.state().db.find("VDI", "uuid", &uuid).unwrap();
