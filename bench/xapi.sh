@@ -144,15 +144,17 @@ for r in $(seq "$runs"); do
     printf 'open\t%s\t%s\t%s\t0\n' "$r" "$secs" "$rss" >>"$tsv"
 done
 check "$repo"
-# The same in a fixed:64K repository: each run a full (CBT on: the next incrementals'
-# baseline), then the two shapes.
+# The same in a fixed:64K repository, a new one each run: a full (CBT on: the baseline of
+# the incrementals that follow), then the two shapes.
 repo64=$dir/repo64
-"$vmvault" -r "$repo64" init -q --chunker fixed:64K >/dev/null
 for r in $(seq "$runs"); do
-    timed nbd-64k "$r" "$repo64" "$vmvault" -r "$repo64" "${cbt[@]}" --full
+    rm -rf "$repo64"
+    "$vmvault" -r "$repo64" init -q --chunker fixed:64K >/dev/null
+    timed nbd-64k "$r" "$repo64" "$vmvault" -r "$repo64" "${cbt[@]}"
     for shape in scattered clustered; do
         write "$((2 * r + 1))" "$shape"
         timed "cbt-1pct-$shape-64k" "$r" "$repo64" "$vmvault" -r "$repo64" "${cbt[@]}"
+        grep -q "changed range" "$dir/err" || die "the CBT run did not use CBT: $(cat "$dir/err")"
     done
 done
 check "$repo64"
