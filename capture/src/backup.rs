@@ -384,7 +384,7 @@ fn transfer(
     if let Some(prev) =
         parent.as_ref().and_then(|p| p.snapshot.meta.as_ref()).and_then(|m| m["capture"]["cbt"].as_object())
     {
-        let kept: Vec<&String> = keep.vdis.iter().map(|(_, u)| u).collect();
+        let kept: Vec<&String> = keep.vdis.iter().map(|k| &k.uuid).collect();
         keep.old_bases = prev
             .values()
             .filter_map(|v| v["vdi"].as_str())
@@ -396,16 +396,39 @@ fn transfer(
 }
 
 /// What cleanup keeps after a successful backup: each disk snapshot with CBT, as the next
-/// backup's base (its data destroyed), and the previous bases, which it destroys.
+/// backup's base (its data destroyed, unless it was read over HTTP), and the previous bases,
+/// which it destroys.
 #[derive(Debug, Default)]
 struct Keep {
-    /// (VDI ref, uuid) of this backup's disk snapshots to keep as `cbt_metadata`.
-    vdis: Vec<(String, String)>,
+    /// This backup's disk snapshots to keep.
+    vdis: Vec<Base>,
     /// Uuids of the previous backup's bases.
     old_bases: Vec<String>,
     /// The repository's id, written into the kept bases' `other_config["vmvault:cbt-base"]`
     /// so stale bases of this repository can be told from another's.
     mark: String,
+}
+
+/// A disk snapshot kept as the next backup's base.
+#[derive(Debug)]
+struct Base {
+    r#ref: String,
+    uuid: String,
+    /// Kept with its data: the disk was read over HTTP, where the next backup asks the pool
+    /// for the difference against it (`base=`), which needs the data. Otherwise only the
+    /// change log stays (`VDI.data_destroy` → `cbt_metadata`): NBD reads the changed blocks.
+    data: bool,
+}
+
+/// How a disk is read incrementally.
+struct Plan {
+    /// The ranges to read from the pool; the rest is the previous backup's.
+    changed: Vec<std::ops::Range<u64>>,
+    /// `meta.capture.cbt.<disk>.runs`: incrementals since the last audit.
+    runs: u64,
+    /// The base VDI (ref) to export the difference against, when the changes come from a
+    /// `base=` export rather than from `list_changed_blocks`.
+    base: Option<String>,
 }
 
 /// The `other_config` key marking a CBT base kept by vmvault (its value: the repository id).
@@ -454,14 +477,16 @@ impl Gather<'_> {
         self.streams.push((vdi.to_string(), name.clone()));
         let target = self.nbd_target(vdi, &uuid)?;
         self.via.push(if target.is_some() { "NBD" } else { "HTTP" });
-        let mut changed = None;
+        let (mut changed, mut delta_base) = (None, None);
         if tracked {
-            let runs = self.plan_cbt(&name, vdi, size, target.is_some()).map(|(c, runs)| {
-                changed = Some(c);
-                runs
+            let runs = self.plan_cbt(&name, vdi, size, target.is_some()).map(|p| {
+                changed = Some(p.changed);
+                delta_base = p.base;
+                p.runs
             });
-            self.keep.vdis.push((vdi.to_string(), uuid.clone()));
-            self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": runs.unwrap_or(0)}));
+            let data = target.is_none();
+            self.keep.vdis.push(Base { r#ref: vdi.to_string(), uuid: uuid.clone(), data });
+            self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": runs.unwrap_or(0), "data": data}));
         }
         let dev: Box<dyn BlockDev> = match target {
             Some(target) => {
@@ -469,7 +494,7 @@ impl Gather<'_> {
                 if let Some(c) = &changed {
                     d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
                 } else if !self.opts.full {
-                    match vhd_block_map(self.client, vdi, size, &self.transfer) {
+                    match vhd_block_map(self.client, vdi, None, size, &self.transfer) {
                         Ok(map) => {
                             let last = map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
                             d = d.with_map(map).finish_at(last);
@@ -480,7 +505,11 @@ impl Gather<'_> {
                 Box::new(d)
             }
             None => {
-                let mut d = HttpDisk::new(self.client.clone(), vdi.to_string(), size, self.transfer.clone());
+                let (client, vdi, transfer) = (self.client.clone(), vdi.to_string(), self.transfer.clone());
+                let mut d = match &delta_base {
+                    Some(base) => HttpDisk::delta(client, vdi, base.clone(), size, transfer, self.parent_dev(&name)?),
+                    None => HttpDisk::new(client, vdi, size, transfer),
+                };
                 if let Some(c) = &changed {
                     d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
                 }
@@ -489,15 +518,12 @@ impl Gather<'_> {
         };
         let (dev, changed) = match changed {
             Some(c) => {
-                let parent = self.parent.expect("changed ranges come with a parent");
-                let reader = match &mut self.reader {
-                    Some(r) => r,
-                    None => self.reader.insert(RepoReader::new(self.repo.clone(), 64, 64 << 20)?),
-                };
-                let parent_dev = Box::new(reader.open_with(parent, &name, archive::reader::ReadAhead::hinted())?);
-                if self.audit(&name, &*dev, &*parent_dev, &c)? {
+                let parent_dev = self.parent_dev(&name)?;
+                // A difference from a base= export is the pool's VHD metadata, not CBT: no
+                // audit (and the source cannot serve unchanged blocks of its own).
+                if delta_base.is_some() || self.audit(&name, &*dev, &*parent_dev, &c)? {
                     self.incremental = true;
-                    let patched = Patched { source: dev, parent: parent_dev, changed: c.clone() };
+                    let patched = Patched { source: dev, parent: Box::new(parent_dev), changed: c.clone() };
                     (Box::new(patched) as Box<dyn BlockDev>, Some(c))
                 } else {
                     // An audit failure reads everything after all.
@@ -511,11 +537,22 @@ impl Gather<'_> {
         Ok(())
     }
 
-    /// The changed ranges of disk stream `name` (snapshot VDI `vdi`) since the previous
-    /// backup, and this backup's count of incrementals; `None` (said in the log) when the
-    /// disk must be read in full.
-    fn plan_cbt(&mut self, name: &str, vdi: &str, size: u64, nbd: bool) -> Option<(Vec<std::ops::Range<u64>>, u64)> {
-        let full = |g: &Self, why: &str| -> Option<(Vec<std::ops::Range<u64>>, u64)> {
+    /// Stream `name` of the previous backup, read where the changes leave it unchanged.
+    fn parent_dev(&mut self, name: &str) -> Result<Arc<archive::reader::StreamReader>> {
+        let parent = self.parent.expect("changed ranges come with a parent");
+        let reader = match &mut self.reader {
+            Some(r) => r,
+            None => self.reader.insert(RepoReader::new(self.repo.clone(), 64, 64 << 20)?),
+        };
+        Ok(Arc::new(reader.open_with(parent, name, archive::reader::ReadAhead::hinted())?))
+    }
+
+    /// How to read disk stream `name` (snapshot VDI `vdi`) as its changes since the previous
+    /// backup; `None` (said in the log) when the disk must be read in full. Over NBD (`nbd`)
+    /// the changes are CBT's; over HTTP, against a base kept with its data, they are the
+    /// blocks the pool's `base=` export holds.
+    fn plan_cbt(&mut self, name: &str, vdi: &str, size: u64, nbd: bool) -> Option<Plan> {
+        let full = |g: &Self, why: &str| -> Option<Plan> {
             g.say("info", format!("CBT: reading all of {name}: {why}"));
             None
         };
@@ -535,6 +572,23 @@ impl Gather<'_> {
             Ok(r) => r.as_str().unwrap_or("").to_string(),
             Err(_) => return full(self, &format!("its base {base_uuid} is gone from the pool (CBT reset)")),
         };
+        if !nbd && base["data"].as_bool() == Some(true) {
+            match vhd_block_map(self.client, vdi, Some(&base_ref), size, &self.transfer) {
+                Ok(map) => {
+                    let changed = map.ranges(size);
+                    let bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
+                    let blocks = bytes.div_ceil(map.block);
+                    self.say(
+                        "info",
+                        format!("delta: {name}: {bytes} bytes in {blocks} block(s) differ from its base (no NBD: base= export)"),
+                    );
+                    return Some(Plan { changed, runs: 0, base: Some(base_ref) });
+                }
+                Err(e) => {
+                    self.say("warning", format!("delta: {name}: the pool sent no difference from its base ({e})"))
+                }
+            }
+        }
         let bitmap = match call_unless_in_use(self.client, "VDI.list_changed_blocks", &[json!(base_ref), json!(vdi)]) {
             Ok(b) => b,
             Err(e) => return full(self, &format!("list_changed_blocks refused ({e}): CBT was reset")),
@@ -546,7 +600,7 @@ impl Gather<'_> {
         let bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
         let how = if nbd { "" } else { " (no NBD: the whole disk is streamed over HTTP, only they are processed)" };
         self.say("info", format!("CBT: {name}: {bytes} bytes in {} changed range(s){how}", changed.len()));
-        Some((changed, base["runs"].as_u64().unwrap_or(0) + 1))
+        Some(Plan { changed, runs: base["runs"].as_u64().unwrap_or(0) + 1, base: None })
     }
 
     /// Every `audit_every` incrementals, re-read a sample of unchanged blocks and compare
@@ -661,15 +715,15 @@ pub fn sweep_leftovers(client: &Client, job: &str, log: Log<'_>) -> Result<usize
 /// (a backup between that did not name them — a run without `--cbt`, a forgotten snapshot —
 /// left them behind). Bases marked by another repository are left alone.
 fn sweep_stale_bases(client: &Client, vm_name: &str, keep: &Keep, log: Log<'_>) {
-    let kept: Vec<&String> = keep.vdis.iter().map(|(r, _)| r).collect();
+    let kept: Vec<&String> = keep.vdis.iter().map(|b| &b.r#ref).collect();
     let mut n = 0;
-    for (vdi, _) in &keep.vdis {
+    for vdi in &kept {
         let Ok(live) = client.call("VDI.get_snapshot_of", &[json!(vdi)]) else { continue };
         let Ok(snaps) = client.call("VDI.get_snapshots", &[live]) else { continue };
         for snap in snaps.as_array().into_iter().flatten().filter_map(Value::as_str) {
             let Ok(rec) = client.call("VDI.get_record", &[json!(snap)]) else { continue };
             let ours = rec["other_config"][BASE_MARK].as_str() == Some(keep.mark.as_str());
-            if ours && s(&rec, "type") == "cbt_metadata" && !kept.contains(&&snap.to_string()) {
+            if ours && !kept.contains(&&snap.to_string()) {
                 if client.call("VDI.destroy", &[json!(snap)]).is_ok() {
                     n += 1;
                 }
@@ -681,10 +735,6 @@ fn sweep_stale_bases(client: &Client, vm_name: &str, keep: &Keep, log: Log<'_>) 
     }
 }
 
-/// Destroy the snapshot VM and its disks (and memory image) — except, after a successful
-/// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
-/// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are
-/// logged, not returned: a backup that succeeded stays a success.
 /// `client.call(method, args)`, retried while it fails with `VDI_IN_USE`, for up to ~15 s: dom0
 /// lets go of a disk read over NBD (or probed) a little after the connection closes, later on
 /// a busy host — XO retries these too.
@@ -700,6 +750,10 @@ fn call_unless_in_use(client: &Client, method: &str, args: &[Value]) -> Result<V
     r
 }
 
+/// Destroy the snapshot VM and its disks (and memory image) — except, after a successful
+/// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
+/// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are
+/// logged, not returned: a backup that succeeded stays a success.
 fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log: Log<'_>) {
     let mut vdis = Vec::new();
     if let Ok(rec) = client.call("VM.get_record", &[json!(snap.r#ref)]) {
@@ -725,14 +779,20 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log
     if !gone(&r) {
         warn("destroy the snapshot", r);
     }
-    let kept: Vec<&String> = keep.map(|k| k.vdis.iter().map(|(r, _)| r).collect()).unwrap_or_default();
-    let (mut failed, mut bases) = (0, 0);
+    let kept: Vec<&Base> = keep.map(|k| k.vdis.iter().collect()).unwrap_or_default();
+    let (mut failed, mut bases, mut with_data) = (0, 0, 0);
     for vdi in &vdis {
-        let base = kept.contains(&vdi);
+        let found = kept.iter().find(|b| &b.r#ref == vdi);
+        let base = found.is_some();
         if base {
             let mark = keep.map(|k| k.mark.as_str()).unwrap_or_default();
             let _ = client.call("VDI.remove_from_other_config", &[json!(vdi), json!(BASE_MARK)]);
             let _ = client.call("VDI.add_to_other_config", &[json!(vdi), json!(BASE_MARK), json!(mark)]);
+        }
+        if found.is_some_and(|b| b.data) {
+            bases += 1;
+            with_data += 1;
+            continue;
         }
         let call = if base { "VDI.data_destroy" } else { "VDI.destroy" };
         let mut r = call_unless_in_use(client, call, &[json!(vdi)]);
@@ -762,7 +822,11 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log
         sweep_stale_bases(client, vm_name, k, log);
     }
     if failed == 0 {
-        let kept = if bases > 0 { format!(", {bases} kept as CBT base(s)") } else { String::new() };
+        let kept = match (bases, with_data) {
+            (0, _) => String::new(),
+            (b, 0) => format!(", {b} kept as CBT base(s)"),
+            (b, d) => format!(", {b} kept as CBT base(s), {d} with its data (read over HTTP: the next backup asks the pool for the difference)"),
+        };
         line(log, vm_name, "cleanup", "info", format!("snapshot and {} disk(s) destroyed{kept}", vdis.len() - bases));
     }
 }

@@ -377,6 +377,20 @@ impl BlockMap {
         }
         Run { kind: if kind { Allocation::Data } else { Allocation::Zero }, len: (end - offset).min(max_len) }
     }
+
+    /// The present blocks of a disk of `size` bytes as byte ranges, merged.
+    pub(crate) fn ranges(&self, size: u64) -> Vec<std::ops::Range<u64>> {
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        for (b, _) in (0u64..).zip(&self.present).filter(|(_, &p)| p) {
+            let r = b * self.block..((b + 1) * self.block).min(size);
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ if r.start < r.end => out.push(r),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 /// A disk read over NBD. See the module docs.

@@ -14,6 +14,12 @@
 //! [`vhd_block_map`] reads only the head of a `format=vhd` export — footer copy, dynamic
 //! header, BAT — to learn which blocks hold data, then closes it: how Xen Orchestra finds
 //! the blocks to fetch over NBD (reference §6.4), since XAPI's NBD server has no block status.
+//!
+//! With a *base* (`base=`, a previous snapshot of the same disk that still has its data), the
+//! pool sends a differencing VHD of the 2 MiB blocks where the two differ ([`HttpDisk::delta`]):
+//! blocks it leaves out, and sectors their bitmaps leave unset, are the base's — read from the
+//! previous backup of it, which holds the same bytes. That is how a pool without NBD still
+//! gives incrementals (Xen Orchestra's delta backups over HTTP).
 
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -46,10 +52,12 @@ pub trait Exports: Send + Sync {
     fn open(&self, format: &str) -> io::Result<Box<dyn Read + Send + Sync>>;
 }
 
-/// `GET /export_raw_vdi` of one VDI, each under a task of its own.
+/// `GET /export_raw_vdi` of one VDI (as its difference from `base`), each under a task of
+/// its own.
 struct PoolExports {
     client: Arc<Client>,
     vdi: String,
+    base: Option<String>,
 }
 
 /// An export's body; dropping it closes the connection and forgets the task (the pool
@@ -78,7 +86,10 @@ impl PoolExports {
         let task = self.client.create_task("vmvault export_raw_vdi")?;
         // Made first, so a failed request forgets the task too.
         let mut t = TaskBody { body: Box::new(io::empty()), client: self.client.clone(), task };
-        let query = [("vdi", self.vdi.as_str()), ("format", format), ("task_id", t.task.as_str())];
+        let mut query = vec![("vdi", self.vdi.as_str()), ("format", format), ("task_id", t.task.as_str())];
+        if let Some(base) = &self.base {
+            query.push(("base", base.as_str()));
+        }
         t.body = self.client.http_get("/export_raw_vdi", &query)?;
         Ok(t)
     }
@@ -111,6 +122,8 @@ pub struct HttpDisk {
     label: String,
     size: u64,
     vhd: bool,
+    /// A differencing export: what it leaves out is read here (the base's backup).
+    parent: Option<Arc<dyn BlockDev>>,
     head: OnceLock<VhdHead>,
     open: Mutex<Option<Open>>,
     transfer: Transfer,
@@ -131,14 +144,34 @@ impl HttpDisk {
     /// VDI `vdi` of `size` bytes, as a VHD stream when XAPI can make one, else raw.
     pub fn new(client: Arc<Client>, vdi: String, size: u64, transfer: Transfer) -> Self {
         let label = format!("VDI {vdi}");
-        HttpDisk::over(Box::new(PoolExports { client, vdi }), label, size, transfer)
+        HttpDisk::over(Box::new(PoolExports { client, vdi, base: None }), label, size, transfer)
+    }
+
+    /// VDI `vdi` as its difference from VDI `base` (`format=vhd&base=`), everything the
+    /// difference leaves out read from `parent`: the backup of `base`.
+    pub fn delta(
+        client: Arc<Client>,
+        vdi: String,
+        base: String,
+        size: u64,
+        transfer: Transfer,
+        parent: Arc<dyn BlockDev>,
+    ) -> Self {
+        let label = format!("VDI {vdi} (against {base})");
+        HttpDisk::over(Box::new(PoolExports { client, vdi, base: Some(base) }), label, size, transfer).on(parent)
+    }
+
+    /// The streams are differencing VHDs over `parent`.
+    pub fn on(mut self, parent: Arc<dyn BlockDev>) -> Self {
+        self.parent = Some(parent);
+        self
     }
 
     /// A disk of `size` bytes read from the streams of `exports` (`label` names it in errors).
     pub fn over(exports: Box<dyn Exports>, label: String, size: u64, transfer: Transfer) -> Self {
         let vhd = size <= VHD_MAX;
         let (head, open) = (OnceLock::new(), Mutex::new(None));
-        HttpDisk { exports, label, size, vhd, head, open, transfer, finish_at: size }
+        HttpDisk { exports, label, size, vhd, parent: None, head, open, transfer, finish_at: size }
     }
 
     /// Close the stream once a read reaches `end` (the last byte the caller plans to read:
@@ -159,7 +192,7 @@ impl HttpDisk {
         let body = self.exports.open(if self.vhd { "vhd" } else { "raw" })?;
         let mut o = Open { body, pos: 0, bitmap: None, _permit: permit };
         if self.vhd {
-            let head = read_head(&mut o.body, self.size)?;
+            let head = read_head(&mut o.body, self.size, self.parent.is_some())?;
             self.transfer.count(head.consumed);
             o.pos = head.consumed;
             if self.head.get().is_some_and(|h| h.at != head.at) {
@@ -218,9 +251,11 @@ impl HttpDisk {
         Ok(o)
     }
 
-    /// Read `buf` from VHD block `b` at `within`, honouring its sector bitmap.
+    /// Read `buf` from VHD block `b` at `within`, honouring its sector bitmap: sectors it
+    /// marks unwritten are zeros, or the parent's in a differencing VHD.
     fn read_block(&self, guard: &mut Option<Open>, at: u64, b: u64, within: u64, buf: &mut [u8]) -> io::Result<()> {
         let head = self.head.get().expect("read after the head");
+        let start = b * head.block;
         let data = at + head.bitmap + within;
         let has_bitmap = guard.as_ref().is_some_and(|o| o.pos <= data && o.bitmap.as_ref().is_some_and(|m| m.0 == b));
         if !has_bitmap {
@@ -239,7 +274,10 @@ impl HttpDisk {
             let n = ((512 - at % 512) as usize).min(buf.len() - pos);
             let s = (at / 512) as usize;
             if bitmap.get(s / 8).is_none_or(|byte| byte & (0x80 >> (s % 8)) == 0) {
-                buf[pos..pos + n].fill(0);
+                match &self.parent {
+                    Some(p) => p.read_at(start + at, &mut buf[pos..pos + n])?,
+                    None => buf[pos..pos + n].fill(0),
+                }
             }
             pos += n;
         }
@@ -254,9 +292,10 @@ impl HttpDisk {
             let (b, within) = (off / block, off % block);
             let n = ((block - within) as usize).min(buf.len() - done);
             let piece = &mut buf[done..done + n];
-            match self.head.get().and_then(|h| h.at.get(b as usize).copied().flatten()) {
-                None => piece.fill(0),
-                Some(at) => self.read_block(guard, at, b, within, piece)?,
+            match (self.head.get().and_then(|h| h.at.get(b as usize).copied().flatten()), &self.parent) {
+                (None, None) => piece.fill(0),
+                (None, Some(p)) => p.read_at(off, piece)?,
+                (Some(at), _) => self.read_block(guard, at, b, within, piece)?,
             }
             done += n;
         }
@@ -322,29 +361,44 @@ impl BlockDev for HttpDisk {
             return Ok(Run { kind: Allocation::Data, len: max_len });
         }
         let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(self.head(&mut guard)?.map.run(offset, max_len))
+        let run = self.head(&mut guard)?.map.run(offset, max_len);
+        match &self.parent {
+            // Blocks a differencing VHD leaves out are the parent's, zeros or not.
+            Some(p) if run.kind == Allocation::Zero => p.allocation(offset, run.len),
+            _ => Ok(run),
+        }
     }
 }
 
 /// Largest BAT read: 2^22 entries of 2 MiB blocks cover 8 TiB, beyond XAPI's 2 TiB VHDs.
 const MAX_BAT_ENTRIES: u64 = 1 << 22;
 
-/// Which blocks of VDI `vdi` (of `size` bytes) hold data, from its VHD export's BAT.
-pub fn vhd_block_map(client: &Arc<Client>, vdi: &str, size: u64, transfer: &Transfer) -> Result<BlockMap> {
+/// Which blocks of VDI `vdi` (of `size` bytes) hold data — with a `base`, which differ from
+/// it — from its VHD export's BAT.
+pub fn vhd_block_map(
+    client: &Arc<Client>,
+    vdi: &str,
+    base: Option<&str>,
+    size: u64,
+    transfer: &Transfer,
+) -> Result<BlockMap> {
     let _permit = transfer.slot();
-    let mut body = PoolExports { client: client.clone(), vdi: vdi.to_string() }.export("vhd")?;
-    read_head(&mut body, size).map(|h| h.map)
+    let exports = PoolExports { client: client.clone(), vdi: vdi.to_string(), base: base.map(String::from) };
+    let mut body = exports.export("vhd")?;
+    read_head(&mut body, size, base.is_some()).map(|h| h.map)
 }
 
-/// Parse the head of a dynamic VHD stream up to the end of its BAT.
-fn read_head(body: &mut dyn Read, size: u64) -> Result<VhdHead> {
+/// Parse the head of a dynamic (or, `differencing`, a differencing) VHD stream up to the end
+/// of its BAT.
+fn read_head(body: &mut dyn Read, size: u64, differencing: bool) -> Result<VhdHead> {
     let io = |e| Error::io("reading the VHD export's header", e);
     let bad = |d: String| Error::protocol("export_raw_vdi?format=vhd", d);
     let mut head = vec![0u8; 1536];
     body.read_exact(&mut head).map_err(io)?;
     let footer = Footer::from_bytes(&head[..512], 0)?;
-    if footer.disk_type != DiskType::Dynamic || footer.data_offset != 512 {
-        return Err(bad("not a dynamic VHD with its header at 512".into()));
+    let want = if differencing { DiskType::Differencing } else { DiskType::Dynamic };
+    if footer.disk_type != want || footer.data_offset != 512 {
+        return Err(bad(format!("not a {want:?} VHD with its header at 512")));
     }
     if footer.current_size != size {
         return Err(bad(format!("a {} byte VHD for a {size} byte disk", footer.current_size)));
@@ -490,30 +544,59 @@ mod tests {
         assert_eq!(opened.load(Ordering::SeqCst), 2);
     }
 
-    #[test]
-    fn sector_bitmaps_apply_to_the_sectors_a_read_covers() {
+    /// A stream of a `size`-byte disk of 4 KiB blocks as a `kind` VHD: block 0 present with
+    /// only sector 1 marked written (0xaa), the others left out.
+    fn one_sector(kind: DiskType, size: u64) -> Vec<u8> {
         use disk_formats::vhd::footer::random_uuid;
-        // One 4 KiB block whose bitmap marks only sector 1 written.
-        let size = 4096u64;
         let mut header = DynHeader::new(size, 1536).unwrap();
         header.block_size = 4096;
-        header.max_table_entries = 1;
-        let footer = Footer::new(DiskType::Dynamic, size, random_uuid()).to_bytes();
+        header.max_table_entries = size.div_ceil(4096) as u32;
+        let footer = Footer::new(kind, size, random_uuid()).to_bytes();
         let mut stream = footer.to_vec();
         stream.extend_from_slice(&header.to_bytes());
-        let mut bat = vec![0u8; 512];
-        bat[..4].copy_from_slice(&4u32.to_be_bytes());
+        let mut bat = vec![0xffu8; (size.div_ceil(4096) * 4).next_multiple_of(512) as usize];
+        let first = (1536 + bat.len() as u32) / 512;
+        bat[..4].copy_from_slice(&first.to_be_bytes());
         stream.extend_from_slice(&bat);
         let mut bitmap = vec![0u8; 512];
         bitmap[0] = 0x40;
         stream.extend_from_slice(&bitmap);
         stream.extend_from_slice(&[0xaa; 4096]);
         stream.extend_from_slice(&footer);
-        let (d, _, _) = disk(stream, size);
+        stream
+    }
+
+    #[test]
+    fn sector_bitmaps_apply_to_the_sectors_a_read_covers() {
+        let size = 4096u64;
+        let (d, _, _) = disk(one_sector(DiskType::Dynamic, size), size);
         let mut b = vec![1u8; 512];
         d.read_at(256, &mut b).unwrap();
         assert!(b[..256].iter().all(|&x| x == 0), "sector 0 is not written");
         assert!(b[256..].iter().all(|&x| x == 0xaa), "sector 1 is");
+    }
+
+    #[test]
+    fn a_differencing_stream_leaves_what_it_omits_to_the_parent() {
+        let size = 3 * 4096u64;
+        let parent: Arc<dyn BlockDev> = Arc::new(blockdev::MemDev::new(vec![0x55; size as usize]));
+        let (d, opened, _) = disk(one_sector(DiskType::Differencing, size), size);
+        let d = d.on(parent.clone());
+        // Blocks left out are the parent's: its allocation, its bytes.
+        assert_eq!(d.allocation(4096, 8192).unwrap(), Run { kind: Allocation::Data, len: 8192 });
+        let mut got = vec![0u8; size as usize];
+        d.read_at(0, &mut got).unwrap();
+        assert!(got[..512].iter().all(|&x| x == 0x55), "an unmarked sector of a present block is the parent's");
+        assert!(got[512..1024].iter().all(|&x| x == 0xaa), "the marked one is the stream's");
+        assert!(got[1024..].iter().all(|&x| x == 0x55), "the rest is the parent's");
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        // A whole-disk VHD where a difference was asked for, and the other way round: refused.
+        let (d, _, _) = disk(one_sector(DiskType::Dynamic, size), size);
+        let e = d.on(parent).read_at(0, &mut got).unwrap_err().to_string();
+        assert!(e.contains("not a Differencing VHD"), "{e}");
+        let (d, _, _) = disk(one_sector(DiskType::Differencing, size), size);
+        let e = d.read_at(0, &mut got).unwrap_err().to_string();
+        assert!(e.contains("not a Dynamic VHD"), "{e}");
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn nbd_reads_match_the_disk_and_hold_it_in_use() {
 fn the_vhd_block_map_lists_the_blocks_holding_data() {
     let p = pool("\"insecure_nbd\"");
     let (vdi, uuid, want) = p.snapshot_disk();
-    let map = vhd_block_map(&p.client, &vdi, want.len() as u64, &Transfer::default()).unwrap();
+    let map = vhd_block_map(&p.client, &vdi, None, want.len() as u64, &Transfer::default()).unwrap();
     assert_eq!(map.block, 2 << 20);
     let st = p.sim.state();
     let d = &st.disks[&uuid];

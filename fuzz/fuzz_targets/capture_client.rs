@@ -44,11 +44,18 @@ fuzz_target!(|data: &[u8]| {
     // The size a VHD footer at the start claims (bytes 48..56), when it is small.
     let claimed = data.get(48..56).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
     if let Some(size) = claimed.filter(|&s| s > 0 && s <= 16 << 20) {
-        let disk = HttpDisk::over(Box::new(Stream(data.to_vec())), "fuzz".into(), size, Default::default());
         let mut buf = vec![0u8; size as usize];
-        if disk.allocation(0, size).is_ok() {
-            let _ = disk.read_at(0, &mut buf);
-            let _ = disk.read_at(size / 3, &mut buf[..(size / 2) as usize]);
+        // As a whole disk, and as a difference from a parent (a footer of type 4).
+        let parent: std::sync::Arc<dyn blockdev::BlockDev> = std::sync::Arc::new(blockdev::MemDev::new(vec![5; size as usize]));
+        for delta in [false, true] {
+            let mut disk = HttpDisk::over(Box::new(Stream(data.to_vec())), "fuzz".into(), size, Default::default());
+            if delta {
+                disk = disk.on(parent.clone());
+            }
+            if disk.allocation(0, size).is_ok() {
+                let _ = disk.read_at(0, &mut buf);
+                let _ = disk.read_at(size / 3, &mut buf[..(size / 2) as usize]);
+            }
         }
     }
     if let Ok(text) = std::str::from_utf8(data) {

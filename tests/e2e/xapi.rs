@@ -940,4 +940,33 @@ fn xapi_cbt_bases_of_another_repository_are_kept_and_stale_ones_swept() {
     assert!(log.contains("CBT: xvda: 65536 bytes in 1 changed range(s)"), "{log}");
     assert!(log.contains("CBT: xvdb: 65536 bytes in 1 changed range(s)"), "{log}");
     pool.assert_web_identical("after CBT over HTTP");
+    // Read over HTTP, the bases were kept with their data: the next HTTP backup asks the pool
+    // for the difference (base=) and reads only the 2 MiB blocks that differ.
+    assert!(log.contains("2 kept as CBT base(s), 2 with its data"), "{log}");
+    assert_eq!(pool.cbt_bases().len(), 2, "only the other repository's are change logs now");
+    pool.write_blocks(&[40], false); // in xvda's second 2 MiB block
+    {
+        let uuid = pool.disk_uuid("web", 1);
+        let mut st = pool.sim.state();
+        st.disks.get_mut(&uuid).unwrap().write(3 << 20, &[9u8; 4096]).unwrap();
+    }
+    let (vm, log) = pool.backup_web(&["--cbt", "--transport", "http", "--exports-at-once", "1"]);
+    assert_eq!(vm["status"], "success", "{log}");
+    assert!(log.contains("delta: xvda: 2097152 bytes in 1 block(s) differ from its base"), "{log}");
+    assert!(log.contains("delta: xvdb: 2097152 bytes in 1 block(s) differ from its base"), "{log}");
+    let read = vm["bytes_read"].as_u64().unwrap();
+    assert!((4 << 20..(4 << 20) + (128 << 10)).contains(&read), "two 2 MiB blocks and VHD heads: {read}");
+    pool.assert_web_identical("after an HTTP delta");
+    let with_data = || pool.count("VDI", |r| r["is_a_snapshot"] == Value::Bool(true) && r["type"] != "cbt_metadata");
+    assert_eq!(with_data(), 2, "the new bases replaced the ones the difference was taken against");
+    // Back on NBD, CBT works against bases that kept their data, which become change logs.
+    pool.write_blocks(&[41], false);
+    let (vm, log) = pool.backup_web(&["--cbt"]);
+    assert!(log.contains("CBT: xvda: 65536 bytes in 1 changed range(s)"), "{log}");
+    assert_eq!(vm["bytes_read"], 65536, "{log}");
+    assert!(log.contains("2 kept as CBT base(s)") && !log.contains("with its data"), "{log}");
+    assert_eq!(pool.cbt_bases().len(), 4);
+    assert_eq!(with_data(), 0, "the bases that kept their data are destroyed once replaced");
+    pool.assert_web_identical("after NBD again");
+    pool.env.ok(&["check", "--read-data"]);
 }
