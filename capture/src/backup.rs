@@ -420,6 +420,17 @@ struct Base {
     data: bool,
 }
 
+/// What a disk source is made for.
+enum Reading<'a> {
+    /// All of it (the VDI's uuid, for messages).
+    Whole(&'a str),
+    /// These ranges, and nothing after the last; with a base VDI (ref) and the backup of it,
+    /// as the difference from that base.
+    Changed(&'a [std::ops::Range<u64>], Option<(String, Arc<archive::reader::StreamReader>)>),
+    /// A sample of blocks anywhere, for the CBT audit.
+    Audit,
+}
+
 /// How a disk is read incrementally.
 struct Plan {
     /// The ranges to read from the pool; the rest is the previous backup's.
@@ -478,63 +489,83 @@ impl Gather<'_> {
         let target = self.nbd_target(vdi, &uuid)?;
         self.via.push(if target.is_some() { "NBD" } else { "HTTP" });
         let (mut changed, mut delta_base) = (None, None);
+        // Kept with its data only where a base= difference can be asked for: read over HTTP,
+        // small enough for a VHD export.
+        let data = target.is_none() && size <= crate::source::VHD_MAX;
         if tracked {
             let runs = self.plan_cbt(&name, vdi, size, target.is_some()).map(|p| {
                 changed = Some(p.changed);
                 delta_base = p.base;
                 p.runs
             });
-            let data = target.is_none();
             self.keep.vdis.push(Base { r#ref: vdi.to_string(), uuid: uuid.clone(), data });
             self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": runs.unwrap_or(0), "data": data}));
         }
-        let dev: Box<dyn BlockDev> = match target {
+        let parent_dev = match &changed {
+            Some(_) => Some(self.parent_dev(&name)?),
+            None => None,
+        };
+        // The audit reads through a source of its own, dropped with its export slot before
+        // the next disk is planned (one slot, two disks: no waiting on ourselves). A difference
+        // from a base= export is the pool's VHD metadata, not CBT: nothing to audit.
+        if let (Some(c), None, Some(p)) = (&changed, &delta_base, &parent_dev) {
+            let sample_from = self.source(target.clone(), vdi, size, Reading::Audit)?;
+            if !self.audit(&name, &*sample_from, &**p, c)? {
+                // An audit failure reads everything after all.
+                self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": 0, "data": data}));
+                changed = None;
+            }
+        }
+        let (dev, changed) = match (changed, parent_dev) {
+            (Some(c), Some(parent)) => {
+                let delta = delta_base.map(|b| (b, parent.clone()));
+                let source = self.source(target, vdi, size, Reading::Changed(&c, delta))?;
+                self.incremental = true;
+                let patched = Patched { source, parent: Box::new(parent), changed: c.clone() };
+                (Box::new(patched) as Box<dyn BlockDev>, Some(c))
+            }
+            _ => (self.source(target, vdi, size, Reading::Whole(&uuid))?, None),
+        };
+        self.sources.push(Source { name, kind, dev, changed });
+        Ok(())
+    }
+
+    /// VDI `vdi` (of `size` bytes) read over NBD at `target`, else over HTTP, for `how`.
+    fn source(&self, target: Option<Target>, vdi: &str, size: u64, how: Reading<'_>) -> Result<Box<dyn BlockDev>> {
+        let last = |c: &[std::ops::Range<u64>]| c.last().map_or(0, |r| r.end);
+        Ok(match target {
             Some(target) => {
                 let mut d = NbdDisk::new(target, size, self.transfer.clone());
-                if let Some(c) = &changed {
-                    d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
-                } else if !self.opts.full {
-                    match vhd_block_map(self.client, vdi, None, size, &self.transfer) {
-                        Ok(map) => {
-                            let last = map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
-                            d = d.with_map(map).finish_at(last);
+                match how {
+                    Reading::Changed(c, _) => d = d.finish_at(last(c)),
+                    Reading::Whole(uuid) if !self.opts.full => {
+                        match vhd_block_map(self.client, vdi, None, size, &self.transfer) {
+                            Ok(map) => {
+                                let end =
+                                    map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
+                                d = d.with_map(map).finish_at(end);
+                            }
+                            Err(e) => {
+                                self.say("warning", format!("no block map for disk {uuid} ({e}): reading all of it"))
+                            }
                         }
-                        Err(e) => self.say("warning", format!("no block map for disk {uuid} ({e}): reading all of it")),
                     }
+                    Reading::Whole(_) | Reading::Audit => {}
                 }
                 Box::new(d)
             }
             None => {
                 let (client, vdi, transfer) = (self.client.clone(), vdi.to_string(), self.transfer.clone());
-                let mut d = match &delta_base {
-                    Some(base) => HttpDisk::delta(client, vdi, base.clone(), size, transfer, self.parent_dev(&name)?),
-                    None => HttpDisk::new(client, vdi, size, transfer),
+                let d = match how {
+                    Reading::Changed(c, Some((base, parent))) => {
+                        HttpDisk::delta(client, vdi, base, size, transfer, parent).finish_at(last(c))
+                    }
+                    Reading::Changed(c, None) => HttpDisk::new(client, vdi, size, transfer).finish_at(last(c)),
+                    Reading::Whole(_) | Reading::Audit => HttpDisk::new(client, vdi, size, transfer),
                 };
-                if let Some(c) = &changed {
-                    d = d.finish_at(c.last().map_or(0, |r: &std::ops::Range<u64>| r.end));
-                }
                 Box::new(if self.opts.full { d.raw() } else { d })
             }
-        };
-        let (dev, changed) = match changed {
-            Some(c) => {
-                let parent_dev = self.parent_dev(&name)?;
-                // A difference from a base= export is the pool's VHD metadata, not CBT: no
-                // audit (and the source cannot serve unchanged blocks of its own).
-                if delta_base.is_some() || self.audit(&name, &*dev, &*parent_dev, &c)? {
-                    self.incremental = true;
-                    let patched = Patched { source: dev, parent: Box::new(parent_dev), changed: c.clone() };
-                    (Box::new(patched) as Box<dyn BlockDev>, Some(c))
-                } else {
-                    // An audit failure reads everything after all.
-                    self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": 0}));
-                    (dev, None)
-                }
-            }
-            None => (dev, None),
-        };
-        self.sources.push(Source { name, kind, dev, changed });
-        Ok(())
+        })
     }
 
     /// Stream `name` of the previous backup, read where the changes leave it unchanged.
@@ -572,6 +603,11 @@ impl Gather<'_> {
             Ok(r) => r.as_str().unwrap_or("").to_string(),
             Err(_) => return full(self, &format!("its base {base_uuid} is gone from the pool (CBT reset)")),
         };
+        // A disk replaced by another of the same size at the same place is not a change.
+        let of = |r: &str| self.client.call("VDI.get_snapshot_of", &[json!(r)]).ok();
+        if of(&base_ref) != of(vdi) {
+            return full(self, &format!("its base {base_uuid} is a snapshot of another disk"));
+        }
         if !nbd && base["data"].as_bool() == Some(true) {
             match vhd_block_map(self.client, vdi, Some(&base_ref), size, &self.transfer) {
                 Ok(map) => {
@@ -591,7 +627,10 @@ impl Gather<'_> {
         }
         let bitmap = match call_unless_in_use(self.client, "VDI.list_changed_blocks", &[json!(base_ref), json!(vdi)]) {
             Ok(b) => b,
-            Err(e) => return full(self, &format!("list_changed_blocks refused ({e}): CBT was reset")),
+            Err(e) => {
+                let why = if e.code() == Some("VDI_IN_USE") { "the disk stayed in use" } else { "CBT was reset" };
+                return full(self, &format!("list_changed_blocks refused ({e}): {why}"));
+            }
         };
         let changed = match cbt::decode(bitmap.as_str().unwrap_or(""), size) {
             Ok(c) => c,
@@ -724,7 +763,7 @@ fn sweep_stale_bases(client: &Client, vm_name: &str, keep: &Keep, log: Log<'_>) 
             let Ok(rec) = client.call("VDI.get_record", &[json!(snap)]) else { continue };
             let ours = rec["other_config"][BASE_MARK].as_str() == Some(keep.mark.as_str());
             if ours && !kept.contains(&&snap.to_string()) {
-                if client.call("VDI.destroy", &[json!(snap)]).is_ok() {
+                if call_unless_in_use(client, "VDI.destroy", &[json!(snap)]).is_ok() {
                     n += 1;
                 }
             }
@@ -752,8 +791,9 @@ fn call_unless_in_use(client: &Client, method: &str, args: &[Value]) -> Result<V
 
 /// Destroy the snapshot VM and its disks (and memory image) — except, after a successful
 /// CBT backup, the disks kept as the next backup's bases: their data is destroyed, their
-/// change log stays (`cbt_metadata`), and the bases they replace are destroyed. Errors are
-/// logged, not returned: a backup that succeeded stays a success.
+/// change log stays (`cbt_metadata`) — or, read over HTTP, they stay whole for the next
+/// `base=` difference —, and the bases they replace are destroyed. Errors are logged, not
+/// returned: a backup that succeeded stays a success.
 fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log: Log<'_>) {
     let mut vdis = Vec::new();
     if let Ok(rec) = client.call("VM.get_record", &[json!(snap.r#ref)]) {
@@ -812,7 +852,7 @@ fn cleanup(client: &Client, vm_name: &str, snap: &Snap, keep: Option<&Keep>, log
     }
     for uuid in keep.map(|k| k.old_bases.as_slice()).unwrap_or_default() {
         if let Ok(r) = client.call("VDI.get_by_uuid", &[json!(uuid)]) {
-            let d = client.call("VDI.destroy", &[r]);
+            let d = call_unless_in_use(client, "VDI.destroy", &[r]);
             if !gone(&d) {
                 warn(&format!("destroy the previous CBT base {uuid}"), d);
             }

@@ -8,6 +8,10 @@
 //! around a change (its chunks are bigger than 64 KiB); [`Patched`] serves the unchanged
 //! parts of those extents from the parent snapshot in the repository, so only changed
 //! blocks cross the network.
+//!
+//! Over HTTP (no NBD) the base keeps its data instead, and the changed ranges are the 2 MiB
+//! blocks of the pool's `base=` difference (`crate::source::HttpDisk::delta`); [`Patched`]
+//! combines them with the parent backup the same way.
 
 use std::io;
 use std::ops::Range;
@@ -75,14 +79,16 @@ impl BlockDev for Patched {
         Ok(())
     }
 
-    /// Each side's own answer for its piece: the parent's zero extents need not be read (and
-    /// rescanned) around a change.
+    /// The parent's answer for its pieces: its zero extents need not be read (and rescanned)
+    /// around a change. Changed pieces are data: every one is read, so the source sees a
+    /// read reach the end of its last range and lets its export go (a source that skipped it
+    /// as zeros would hold its export slot to the end of the backup).
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<blockdev::Run> {
         blockdev::check_range(self.len(), offset, 1)?;
         let end = offset.saturating_add(max_len).min(self.len());
         match self.pieces(offset, end).first() {
-            Some((true, r)) => self.source.allocation(offset, r.end - offset),
             Some((false, r)) => self.parent.allocation(offset, r.end - offset),
+            Some((true, r)) => Ok(blockdev::Run { kind: blockdev::Allocation::Data, len: r.end - offset }),
             None => Ok(blockdev::Run { kind: blockdev::Allocation::Data, len: 0 }),
         }
     }
@@ -253,6 +259,11 @@ mod tests {
         assert_eq!(p.allocation(2 * BLOCK, 3).unwrap(), Run { kind: Allocation::Zero, len: 3 });
         assert_eq!(p.allocation(2 * BLOCK, size).unwrap(), Run { kind: Allocation::Zero, len: 6 * BLOCK });
         assert!(p.allocation(size, 1).is_err());
+        // A changed piece is data even where the source knows a hole: it is read, so the
+        // source sees its last range read and lets its export go.
+        let p =
+            Patched { source: Box::new(Holes(size)), parent: Box::new(Holes(size)), changed: vec![BLOCK..2 * BLOCK] };
+        assert_eq!(p.allocation(BLOCK, size).unwrap(), Run { kind: Allocation::Data, len: BLOCK });
     }
 
     #[test]

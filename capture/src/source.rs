@@ -267,19 +267,27 @@ impl HttpDisk {
         let o = self.seek(guard, data)?;
         self.fill(o, buf)?;
         let bitmap = &o.bitmap.as_ref().expect("read above").1;
-        // Sectors by their place in the block (the read need not start on a sector).
+        // Sectors by their place in the block (the read need not start on a sector); runs of
+        // unwritten ones are zeros, or read from the parent at once.
+        let unwritten = |at: u64| {
+            let s = (at / 512) as usize;
+            bitmap.get(s / 8).is_none_or(|byte| byte & (0x80 >> (s % 8)) == 0)
+        };
         let mut pos = 0usize;
         while pos < buf.len() {
-            let at = within + pos as u64;
-            let n = ((512 - at % 512) as usize).min(buf.len() - pos);
-            let s = (at / 512) as usize;
-            if bitmap.get(s / 8).is_none_or(|byte| byte & (0x80 >> (s % 8)) == 0) {
+            let mut end = pos;
+            let skip = unwritten(within + pos as u64);
+            while end < buf.len() && unwritten(within + end as u64) == skip {
+                let at = within + end as u64;
+                end += ((512 - at % 512) as usize).min(buf.len() - end);
+            }
+            if skip {
                 match &self.parent {
-                    Some(p) => p.read_at(start + at, &mut buf[pos..pos + n])?,
-                    None => buf[pos..pos + n].fill(0),
+                    Some(p) => p.read_at(start + within + pos as u64, &mut buf[pos..end])?,
+                    None => buf[pos..end].fill(0),
                 }
             }
-            pos += n;
+            pos = end;
         }
         Ok(())
     }

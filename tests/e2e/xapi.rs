@@ -928,16 +928,20 @@ fn xapi_cbt_bases_of_another_repository_are_kept_and_stale_ones_swept() {
     assert!(b.iter().all(|u| end.contains(u)));
     pool.assert_web_identical("after the sweep");
     // CBT over HTTP, one export at a time: each disk's stream is let go after its last
-    // changed range, so the second disk's export can start.
-    pool.write_blocks(&[3], false);
+    // changed range, so the second disk's export can start. xvda's last change is its last
+    // block, so the audit's samples all lie before it.
+    pool.write_blocks(&[3, 1023], false);
     {
         let uuid = pool.disk_uuid("web", 1);
         let mut st = pool.sim.state();
         st.disks.get_mut(&uuid).unwrap().write(65536, &[7u8; 65536]).unwrap();
     }
-    let (vm, log) = pool.backup_web(&["--cbt", "--transport", "http", "--exports-at-once", "1"]);
+    // With an audit of each disk, whose reads must let the one export slot go too.
+    let (vm, log) =
+        pool.backup_web(&["--cbt", "--transport", "http", "--exports-at-once", "1", "--cbt-audit-every", "1"]);
     assert_eq!(vm["status"], "success", "{log}");
-    assert!(log.contains("CBT: xvda: 65536 bytes in 1 changed range(s)"), "{log}");
+    assert!(log.contains("CBT audit of xvda") && log.contains("CBT audit of xvdb"), "{log}");
+    assert!(log.contains("CBT: xvda: 131072 bytes in 2 changed range(s)"), "{log}");
     assert!(log.contains("CBT: xvdb: 65536 bytes in 1 changed range(s)"), "{log}");
     pool.assert_web_identical("after CBT over HTTP");
     // Read over HTTP, the bases were kept with their data: the next HTTP backup asks the pool
