@@ -10,6 +10,13 @@
 //! widened to the server's minimum block size (512 bytes for XAPI, which refuses unaligned
 //! reads).
 //!
+//! For other servers (`Target::from_uri`: `nbd://host:port/export`, `nbd+unix:///export?
+//! socket=PATH` — qemu-nbd, nbdkit, qemu's built-in server), the client also asks for
+//! structured replies and the `base:allocation` meta context: then `NBD_CMD_BLOCK_STATUS`
+//! answers [`BlockDev::allocation`], so holes and zero areas are not read; read replies arrive
+//! as chunks (data, holes, errors), and a read that the chunks do not cover exactly is an
+//! error, never short data.
+//!
 //! The connection opens on the first read, holding one export slot of the pool's limit, and
 //! closes (freeing the slot) once a read reaches [`NbdDisk::finish_at`]; a later read opens
 //! it again. A failed read is retried on a new connection (as XO does), a few times, a
@@ -18,6 +25,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,12 +54,73 @@ pub struct TlsTarget {
 /// Where an export is.
 #[derive(Clone)]
 pub struct Target {
-    /// `host:port`.
+    /// `host:port`, or `unix:PATH` for a Unix socket.
     pub addr: String,
     pub export: String,
     /// How errors name the export (the name itself may hold a secret).
     pub label: String,
     pub tls: Option<TlsTarget>,
+    /// Ask for structured replies and `base:allocation` (XAPI's server has neither).
+    pub block_status: bool,
+}
+
+impl Target {
+    /// An export named by an NBD URI (the NBD project's `uri.md`): `nbd://HOST[:PORT][/EXPORT]`
+    /// (port 10809 by default, `[v6]` hosts) or `nbd+unix:///[EXPORT]?socket=PATH`. TLS
+    /// (`nbds`) is not supported yet.
+    pub fn from_uri(uri: &str) -> Result<Target, String> {
+        let bad = |why: &str| format!("NBD URI {uri:?}: {why}");
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("expected nbd://HOST[:PORT]/EXPORT"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let export = decode_uri_part(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
+        let addr = match scheme {
+            "nbd" => {
+                if !query.is_empty() {
+                    return Err(bad("nbd:// takes no query"));
+                }
+                let (host, port) = match authority.rsplit_once(':') {
+                    Some((h, p)) if !p.contains(']') => {
+                        (h, p.parse::<u16>().map_err(|_| bad(&format!("port {p:?} is not a number")))?)
+                    }
+                    _ => (authority, 10809),
+                };
+                if host.is_empty() {
+                    return Err(bad("no host"));
+                }
+                format!("{host}:{port}")
+            }
+            "nbd+unix" => {
+                if !authority.is_empty() {
+                    return Err(bad("nbd+unix:// takes no host (nbd+unix:///EXPORT?socket=PATH)"));
+                }
+                let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="));
+                let socket = socket.and_then(decode_uri_part).filter(|s| !s.is_empty());
+                format!("unix:{}", socket.ok_or_else(|| bad("no socket=PATH"))?)
+            }
+            "nbds" | "nbds+unix" => return Err(bad("NBD over TLS is not supported as a backup source yet")),
+            s => return Err(bad(&format!("unknown scheme {s:?}"))),
+        };
+        Ok(Target { addr, export, label: uri.to_string(), tls: None, block_status: true })
+    }
+}
+
+/// A URI part with its %-escapes decoded; `None` for a broken escape or non-UTF-8 result.
+fn decode_uri_part(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl std::fmt::Debug for Target {
@@ -72,6 +141,10 @@ struct Conn {
     min_block: u64,
     max_request: u64,
     cookie: u64,
+    /// Replies come as structured chunks.
+    structured: bool,
+    /// The id of the `base:allocation` meta context, when the server gave one.
+    alloc_ctx: Option<u32>,
     _permit: Option<Permit>,
 }
 
@@ -139,6 +212,17 @@ pub fn probe(target: &Target) -> io::Result<u64> {
 
 /// Connect and negotiate; the connection is in transmission when this returns.
 fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
+    if let Some(path) = t.addr.strip_prefix("unix:") {
+        if t.tls.is_some() {
+            return Err(bad(t, "TLS over a Unix socket is not supported"));
+        }
+        let mut s =
+            UnixStream::connect(path).map_err(|e| err(e.kind(), format!("connecting to NBD socket {path}: {e}")))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_write_timeout(Some(TIMEOUT))?;
+        let no_zeroes = greet(&mut s, t)?;
+        return negotiate(Box::new(s), t, no_zeroes, permit);
+    }
     let addrs: Vec<_> = t.addr.to_socket_addrs().map_err(|e| err(e.kind(), format!("{}: {e}", t.addr)))?.collect();
     let mut last = err(io::ErrorKind::NotFound, format!("{}: no address", t.addr));
     let mut tcp = None;
@@ -194,9 +278,50 @@ fn greet(s: &mut dyn Io, t: &Target) -> io::Result<bool> {
     Ok(no_zeroes)
 }
 
+/// Ask for structured replies, then for the `base:allocation` context of the export; a
+/// server that refuses either is used without (reads and no block status).
+fn ask_block_status(conn: &mut Conn, t: &Target) -> io::Result<()> {
+    send(&mut *conn.s, &proto::option_request(proto::OPT_STRUCTURED_REPLY, &[]))?;
+    let (rep, _) = option_reply(&mut *conn.s, t, proto::OPT_STRUCTURED_REPLY)?;
+    if rep != proto::REP_ACK {
+        return Ok(());
+    }
+    conn.structured = true;
+    let query = proto::meta_request(&t.export, &["base:allocation"]);
+    send(&mut *conn.s, &proto::option_request(proto::OPT_SET_META_CONTEXT, &query))?;
+    for _ in 0..MAX_INFOS {
+        let (rep, data) = option_reply(&mut *conn.s, t, proto::OPT_SET_META_CONTEXT)?;
+        match rep {
+            proto::REP_META_CONTEXT => {
+                let (id, name) = proto::parse_meta_context(&data).map_err(|e| bad(t, e))?;
+                if name == "base:allocation" {
+                    conn.alloc_ctx = Some(id);
+                }
+            }
+            proto::REP_ACK => return Ok(()),
+            r if r & 0x8000_0000 != 0 => return Ok(()), // no contexts: reads only
+            _ => {}
+        }
+    }
+    Err(bad(t, format!("more than {MAX_INFOS} replies to one option")))
+}
+
 /// Select the export (GO, or EXPORT_NAME when the server knows no GO).
 fn negotiate(s: Box<dyn Io>, t: &Target, no_zeroes: bool, permit: Option<Permit>) -> io::Result<Conn> {
-    let mut conn = Conn { s, size: 0, flags: 0, min_block: 1, max_request: MAX_REQUEST, cookie: 0, _permit: permit };
+    let mut conn = Conn {
+        s,
+        size: 0,
+        flags: 0,
+        min_block: 1,
+        max_request: MAX_REQUEST,
+        cookie: 0,
+        structured: false,
+        alloc_ctx: None,
+        _permit: permit,
+    };
+    if t.block_status {
+        ask_block_status(&mut conn, t)?;
+    }
     let go = proto::info_request(&t.export, &[proto::INFO_BLOCK_SIZE]);
     send(&mut *conn.s, &proto::option_request(proto::OPT_GO, &go))?;
     let (mut export, mut selected) = (None, false);
@@ -278,6 +403,9 @@ impl Conn {
             at += n;
         }
         self.s.flush()?;
+        if self.structured {
+            return self.read_chunks(t, offset..end, buf, &pieces, received);
+        }
         let mut scratch = Vec::new();
         for _ in 0..pieces.len() {
             let mut head = [0u8; 16];
@@ -314,6 +442,169 @@ impl Conn {
         Ok(())
     }
 
+    /// The structured replies to read requests `pieces` (cookie, offset, length), which cover
+    /// `want` (the bytes of `buf`) widened: data and hole chunks in any order, each request
+    /// ended by a chunk flagged DONE, which must have covered it exactly.
+    fn read_chunks(
+        &mut self,
+        t: &Target,
+        want: std::ops::Range<u64>,
+        buf: &mut [u8],
+        pieces: &[(u64, u64, u64)],
+        received: &AtomicU64,
+    ) -> io::Result<()> {
+        let mut covered: Vec<Vec<(u64, u64)>> = vec![Vec::new(); pieces.len()];
+        let mut done = vec![false; pieces.len()];
+        let mut scratch = Vec::new();
+        let mid = |e| closed(t, e, "in the middle of a read");
+        while done.iter().any(|d| !d) {
+            let (flags, kind, cookie, len) = self.chunk_header(t)?;
+            let i = pieces.iter().position(|p| p.0 == cookie).filter(|&i| !done[i]);
+            let i = i.ok_or_else(|| bad(t, format!("a reply to request {cookie}, which is not pending")))?;
+            let (_, p_off, p_len) = pieces[i];
+            let inside = |at: u64, n: u64| at >= p_off && at.checked_add(n).is_some_and(|e| e <= p_off + p_len);
+            match kind {
+                proto::REPLY_TYPE_OFFSET_DATA if len >= 8 => {
+                    let mut o = [0u8; 8];
+                    self.s.read_exact(&mut o).map_err(mid)?;
+                    let (at, n) = (u64::from_be_bytes(o), u64::from(len - 8));
+                    if !inside(at, n) {
+                        return Err(bad(t, format!("{n} bytes of data at {at} for a read of {p_len} at {p_off}")));
+                    }
+                    let (lo, hi) = (at.max(want.start), (at + n).min(want.end));
+                    if lo == at && hi == at + n {
+                        let dst = &mut buf[(lo - want.start) as usize..(hi - want.start) as usize];
+                        self.s.read_exact(dst).map_err(mid)?;
+                    } else {
+                        scratch.resize(n as usize, 0);
+                        self.s.read_exact(&mut scratch).map_err(mid)?;
+                        if lo < hi {
+                            buf[(lo - want.start) as usize..(hi - want.start) as usize]
+                                .copy_from_slice(&scratch[(lo - at) as usize..(hi - at) as usize]);
+                        }
+                    }
+                    covered[i].push((at, n));
+                    received.fetch_add(n, Ordering::Relaxed);
+                }
+                proto::REPLY_TYPE_OFFSET_HOLE if len == 12 => {
+                    let mut h = [0u8; 12];
+                    self.s.read_exact(&mut h).map_err(mid)?;
+                    let at = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+                    let n = u64::from(u32::from_be_bytes(h[8..].try_into().expect("4 bytes")));
+                    if n == 0 || !inside(at, n) {
+                        return Err(bad(t, format!("a hole of {n} bytes at {at} for a read of {p_len} at {p_off}")));
+                    }
+                    let (lo, hi) = (at.max(want.start), (at + n).min(want.end));
+                    if lo < hi {
+                        buf[(lo - want.start) as usize..(hi - want.start) as usize].fill(0);
+                    }
+                    covered[i].push((at, n));
+                }
+                proto::REPLY_TYPE_NONE if len == 0 => {}
+                k if k & 0x8000 != 0 => {
+                    let why = self.chunk_error(t, len)?;
+                    return Err(err(
+                        io::ErrorKind::Other,
+                        format!(
+                            "NBD server at {} ({}): read of {p_len} bytes at {p_off} failed: {why}",
+                            t.addr, t.label
+                        ),
+                    ));
+                }
+                k => return Err(bad(t, format!("a reply chunk of type {k} and {len} bytes to a read"))),
+            }
+            if flags & proto::REPLY_FLAG_DONE != 0 {
+                // Every byte exactly once: sorted, the chunks must tile the request.
+                covered[i].sort_unstable();
+                let mut pos = p_off;
+                for &(at, n) in &covered[i] {
+                    if at != pos {
+                        return Err(bad(
+                            t,
+                            format!("the reply to a read of {p_len} bytes at {p_off} misses or repeats bytes at {pos}"),
+                        ));
+                    }
+                    pos += n;
+                }
+                if pos != p_off + p_len {
+                    return Err(bad(t, format!("the reply to a read of {p_len} bytes at {p_off} ends at {pos}")));
+                }
+                done[i] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A structured reply chunk's header: (flags, type, cookie, payload length).
+    fn chunk_header(&mut self, t: &Target) -> io::Result<(u16, u16, u64, u32)> {
+        if !self.structured {
+            return Err(bad(t, "a structured reply without having asked for them"));
+        }
+        let mut head = [0u8; 20];
+        self.s.read_exact(&mut head).map_err(|e| closed(t, e, "in the middle of a reply"))?;
+        proto::parse_chunk_header(&head).map_err(|e| bad(t, e))
+    }
+
+    /// The payload of an error chunk (`len` bytes), as a sentence.
+    fn chunk_error(&mut self, t: &Target, len: u32) -> io::Result<String> {
+        if !(6..=MAX_REPLY).contains(&len) {
+            return Err(bad(t, format!("an error chunk of {len} bytes")));
+        }
+        let mut b = vec![0u8; len as usize];
+        self.s.read_exact(&mut b).map_err(|e| closed(t, e, "in the middle of a reply"))?;
+        let code = u32::from_be_bytes(b[..4].try_into().expect("4 bytes"));
+        let n = usize::from(u16::from_be_bytes([b[4], b[5]])).min(b.len() - 6);
+        let msg = String::from_utf8_lossy(&b[6..6 + n]);
+        Ok(if msg.is_empty() { format!("error {code}") } else { format!("error {code} ({msg})") })
+    }
+
+    /// `base:allocation` from `offset` (at most `len` bytes, at least one descriptor): runs of
+    /// (length, reads as zeros).
+    fn block_status(&mut self, t: &Target, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let ctx = self.alloc_ctx.ok_or_else(|| bad(t, "no base:allocation context"))?;
+        let len = len.min(self.size - offset).min(1 << 30) as u32;
+        self.cookie += 1;
+        let cookie = self.cookie;
+        let req = proto::Request { flags: 0, command: proto::CMD_BLOCK_STATUS, cookie, offset, length: len };
+        send(&mut *self.s, &req.to_bytes())?;
+        let mut runs = Vec::new();
+        loop {
+            let (flags, kind, c, n) = self.chunk_header(t)?;
+            if c != cookie {
+                return Err(bad(t, format!("a reply to request {c}, which is not pending")));
+            }
+            match kind {
+                proto::REPLY_TYPE_BLOCK_STATUS if n >= 12 && (n - 4) % 8 == 0 && n <= 16 * MAX_REPLY => {
+                    let mut b = vec![0u8; n as usize];
+                    self.s.read_exact(&mut b).map_err(|e| closed(t, e, "in the middle of a reply"))?;
+                    if u32::from_be_bytes(b[..4].try_into().expect("4 bytes")) == ctx {
+                        for d in b[4..].chunks_exact(8) {
+                            let length = u64::from(u32::from_be_bytes(d[..4].try_into().expect("4 bytes")));
+                            let state = u32::from_be_bytes(d[4..].try_into().expect("4 bytes"));
+                            if length == 0 {
+                                return Err(bad(t, "a block status descriptor of 0 bytes"));
+                            }
+                            runs.push((length, state & proto::STATE_ZERO != 0));
+                        }
+                    }
+                }
+                proto::REPLY_TYPE_NONE if n == 0 => {}
+                k if k & 0x8000 != 0 => {
+                    let why = self.chunk_error(t, n)?;
+                    return Err(err(io::ErrorKind::Other, format!("block status at {offset}: {why}")));
+                }
+                k => return Err(bad(t, format!("a reply chunk of type {k} and {n} bytes to a block status"))),
+            }
+            if flags & proto::REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        if runs.is_empty() {
+            return Err(bad(t, format!("no block status at {offset}")));
+        }
+        Ok(runs)
+    }
+
     /// Say goodbye (best effort).
     fn disconnect(mut self) {
         self.cookie += 1;
@@ -339,7 +630,23 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Greet the server on `stream` and select `export`.
     pub fn over(stream: impl Read + Write + Send + 'static, export: &str) -> io::Result<Session> {
-        let target = Target { addr: "stream".into(), export: export.into(), label: "export".into(), tls: None };
+        Session::start(stream, export, false)
+    }
+
+    /// [`over`](Self::over), asking for structured replies and `base:allocation` first.
+    pub fn with_block_status(stream: impl Read + Write + Send + 'static, export: &str) -> io::Result<Session> {
+        Session::start(stream, export, true)
+    }
+
+    /// The server's `base:allocation` from `offset`: runs of (length, reads as zeros).
+    pub fn block_status(&mut self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        blockdev::check_range(self.conn.size, offset, 1)?;
+        self.conn.block_status(&self.target, offset, len)
+    }
+
+    fn start(stream: impl Read + Write + Send + 'static, export: &str, block_status: bool) -> io::Result<Session> {
+        let (addr, label) = ("stream".to_string(), "export".to_string());
+        let target = Target { addr, export: export.into(), label, tls: None, block_status };
         let mut s: Box<dyn Io> = Box::new(stream);
         let no_zeroes = greet(&mut *s, &target)?;
         let conn = negotiate(s, &target, no_zeroes, None)?;
@@ -399,6 +706,8 @@ pub struct NbdDisk {
     size: u64,
     conn: Mutex<Option<Conn>>,
     map: Option<BlockMap>,
+    /// The server's last block status answer: (start, end, reads as zeros) runs in order.
+    status: Mutex<Vec<(u64, u64, bool)>>,
     finish_at: u64,
     transfer: Transfer,
     retries: u32,
@@ -413,7 +722,8 @@ impl std::fmt::Debug for NbdDisk {
 impl NbdDisk {
     /// A disk of `size` bytes at `target` (checked against the server's size on connect).
     pub fn new(target: Target, size: u64, transfer: Transfer) -> Self {
-        NbdDisk { target, size, conn: Mutex::new(None), map: None, finish_at: size, transfer, retries: 3 }
+        let (conn, status) = (Mutex::new(None), Mutex::new(Vec::new()));
+        NbdDisk { target, size, conn, map: None, status, finish_at: size, transfer, retries: 3 }
     }
 
     /// Connect now and take the disk's size from the server.
@@ -513,10 +823,52 @@ impl BlockDev for NbdDisk {
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<Run> {
         blockdev::check_range(self.size, offset, 1)?;
         let max_len = max_len.min(self.size - offset);
-        Ok(match &self.map {
-            Some(m) => m.run(offset, max_len),
-            None => Run { kind: Allocation::Data, len: max_len },
-        })
+        if let Some(m) = &self.map {
+            return Ok(m.run(offset, max_len));
+        }
+        let data = Run { kind: Allocation::Data, len: max_len };
+        if !self.target.block_status {
+            return Ok(data);
+        }
+        let mut cache = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache.iter().any(|r| r.0 <= offset && offset < r.1) {
+            let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                let Ok(c) = self.open_conn() else { return Ok(data) }; // the read will say why
+                *slot = Some(c);
+            }
+            let conn = slot.as_mut().expect("connected above");
+            if conn.alloc_ctx.is_none() {
+                return Ok(data);
+            }
+            // Ask for a good stretch at once: the answers are cached.
+            let Ok(runs) = conn.block_status(&self.target, offset, max_len.max(64 << 20)) else {
+                *slot = None; // a connection in an unknown state is not reused
+                return Ok(data);
+            };
+            cache.clear();
+            let mut at = offset;
+            for (len, zero) in runs {
+                let end = at.saturating_add(len).min(self.size);
+                cache.push((at, end, zero));
+                at = end;
+                if at >= self.size {
+                    break;
+                }
+            }
+        }
+        // The run at `offset`: the cached runs of one kind from there on.
+        let i = cache.iter().position(|r| r.0 <= offset && offset < r.1).expect("cached above");
+        let zero = cache[i].2;
+        let mut end = cache[i].1;
+        for r in &cache[i + 1..] {
+            if r.2 != zero || end >= offset + max_len {
+                break;
+            }
+            end = r.1;
+        }
+        let kind = if zero { Allocation::Zero } else { Allocation::Data };
+        Ok(Run { kind, len: (end - offset).min(max_len) })
     }
 }
 
@@ -524,6 +876,88 @@ impl Drop for NbdDisk {
     fn drop(&mut self) {
         if let Some(c) = self.conn.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             c.disconnect();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's side from bytes; what the client sends is swallowed.
+    struct Replay(io::Cursor<Vec<u8>>);
+
+    impl Read for Replay {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Replay {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The fuzzer's seed of a structured conversation (an 8 KiB export, `base:allocation` as
+    /// context 1): block status data + zeros, then reads answered by data, hole + data, data.
+    const STRUCTURED: &[u8] = include_bytes!("../../fuzz/seeds/capture_client/nbd_structured");
+
+    #[test]
+    fn structured_replies_fill_reads_and_answer_block_status() {
+        let mut s = Session::with_block_status(Replay(io::Cursor::new(STRUCTURED.to_vec())), "disk").unwrap();
+        assert_eq!(s.size(), 8192);
+        assert_eq!(s.block_status(0, 8192).unwrap(), vec![(4096, false), (4096, true)]);
+        let mut b = vec![0u8; 512];
+        s.read(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == b'a'));
+        let mut b = vec![9u8; 3000];
+        s.read(100, &mut b).unwrap();
+        assert!(b[..1000].iter().all(|&x| x == 0), "the hole chunk reads as zeros");
+        assert!(b[1000..].iter().all(|&x| x == b'b'));
+        let mut b = [0u8; 1];
+        s.read(8191, &mut b).unwrap();
+        assert_eq!(b, [b'c']);
+    }
+
+    #[test]
+    fn a_read_its_chunks_do_not_cover_exactly_is_an_error() {
+        // The same conversation with the hole chunk of the second read cut to 999 bytes.
+        let mut bytes = STRUCTURED.to_vec();
+        let hole = bytes.windows(12).position(|w| w == [0, 0, 0, 0, 0, 0, 0, 100, 0, 0, 0x03, 0xe8]).unwrap();
+        bytes[hole + 11] = 0xe7;
+        let mut s = Session::with_block_status(Replay(io::Cursor::new(bytes)), "disk").unwrap();
+        s.block_status(0, 8192).unwrap();
+        s.read(0, &mut [0u8; 512]).unwrap();
+        let e = s.read(100, &mut [0u8; 3000]).unwrap_err().to_string();
+        assert!(e.contains("misses or repeats bytes at 1099"), "{e}");
+    }
+
+    #[test]
+    fn nbd_uris_name_the_address_and_export() {
+        let t = Target::from_uri("nbd://host.example:10900/disk%200").unwrap();
+        assert_eq!((t.addr.as_str(), t.export.as_str(), t.block_status), ("host.example:10900", "disk 0", true));
+        let t = Target::from_uri("nbd://[::1]/x").unwrap();
+        assert_eq!((t.addr.as_str(), t.export.as_str()), ("[::1]:10809", "x"));
+        let t = Target::from_uri("nbd://[::1]:99").unwrap();
+        assert_eq!((t.addr.as_str(), t.export.as_str()), ("[::1]:99", ""));
+        let t = Target::from_uri("nbd+unix:///web01@latest/xvda?socket=/run/a%20b.sock").unwrap();
+        assert_eq!((t.addr.as_str(), t.export.as_str()), ("unix:/run/a b.sock", "web01@latest/xvda"));
+        for (bad, why) in [
+            ("nbd://h:port/x", "not a number"),
+            ("nbd:///x", "no host"),
+            ("nbd+unix:///x", "no socket"),
+            ("nbd+unix://h/x?socket=/s", "no host"),
+            ("nbds://h/x", "not supported"),
+            ("http://h/x", "unknown scheme"),
+            ("nbd://h/%zz", "escape"),
+            ("disk.img", "expected nbd://"),
+        ] {
+            let e = Target::from_uri(bad).map(|_| ()).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 }

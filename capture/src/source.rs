@@ -476,7 +476,8 @@ pub fn nbd_target(client: &Client, vdi: &str, uuid: &str, tls: bool) -> Result<O
     } else {
         None
     };
-    Ok(Some(Target { addr, export: s(info, "exportname").to_string(), label: format!("disk {uuid}"), tls }))
+    let (export, label) = (s(info, "exportname").to_string(), format!("disk {uuid}"));
+    Ok(Some(Target { addr, export, label, tls, block_status: false }))
 }
 
 #[cfg(test)]

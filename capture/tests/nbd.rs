@@ -180,8 +180,13 @@ fn nbd_reads_from_qemu_nbd() {
         .arg(&file)
         .spawn()
         .expect("qemu-nbd (apt-get install qemu-utils)");
-    let target =
-        Target { addr: format!("127.0.0.1:{port}"), export: "vm-disk".into(), label: "test".into(), tls: None };
+    let target = Target {
+        addr: format!("127.0.0.1:{port}"),
+        export: "vm-disk".into(),
+        label: "test".into(),
+        tls: None,
+        block_status: false,
+    };
     let mut disk = None;
     for _ in 0..100 {
         match NbdDisk::open(target.clone()) {

@@ -305,7 +305,16 @@ fn init(ctx: &Ctx, a: InitArgs) -> Result<()> {
     }
 }
 
+/// A backup source: an image file or block device, or an NBD export by URI (`nbd://HOST[:PORT]/
+/// EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: qemu-nbd, nbdkit, a running qemu's NBD server),
+/// whose block status lets holes go unread.
 fn open_source(name: &str, path: &Path) -> Result<Box<dyn BlockDev>> {
+    let spec = path.to_string_lossy();
+    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds") {
+        let target = capture::nbd::Target::from_uri(&spec).map_err(|e| anyhow!("{name}: {e}"))?;
+        let dev = capture::nbd::NbdDisk::open(target).with_context(|| format!("opening {name}={spec}"))?;
+        return Ok(Box::new(dev));
+    }
     let dev = FileDev::open(path).with_context(|| format!("opening {name}={}", path.display()))?;
     Ok(Box::new(dev))
 }

@@ -63,13 +63,24 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode(Protocol::XmlRpc, "VM.get_record", text);
     }
     let _ = capture::cbt::decode(&String::from_utf8_lossy(data), 1 << 24);
+    // The bytes as an NBD server's side: simple replies, then structured ones with block status.
     if let Ok(mut s) = Session::over(Replay(io::Cursor::new(data.to_vec())), "/disk?session_id=x") {
-        let size = s.size();
-        for (off, len) in [(0u64, 512usize), (100, 3000), (size.saturating_sub(1), 1)] {
-            if off.checked_add(len as u64).is_some_and(|e| e <= size) && len as u64 <= size {
-                let mut buf = vec![0u8; len];
-                let _ = s.read(off, &mut buf);
-            }
+        read_some(&mut s);
+    }
+    if let Ok(mut s) = Session::with_block_status(Replay(io::Cursor::new(data.to_vec())), "disk") {
+        if s.size() > 0 {
+            let _ = s.block_status(0, s.size());
         }
+        read_some(&mut s);
     }
 });
+
+fn read_some(s: &mut Session) {
+    let size = s.size();
+    for (off, len) in [(0u64, 512usize), (100, 3000), (size.saturating_sub(1), 1)] {
+        if off.checked_add(len as u64).is_some_and(|e| e <= size) && len as u64 <= size {
+            let mut buf = vec![0u8; len];
+            let _ = s.read(off, &mut buf);
+        }
+    }
+}

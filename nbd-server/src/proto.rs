@@ -422,6 +422,34 @@ pub fn parse_simple_reply(b: &[u8; 16]) -> Result<(u64, u32), ProtoError> {
     Ok((be_u64(b, 8), be_u32(b, 4)))
 }
 
+/// `NBD_OPT_SET_META_CONTEXT` / `NBD_OPT_LIST_META_CONTEXT` data: the export and the queries.
+pub fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut b = (name.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        b.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        b.extend_from_slice(q.as_bytes());
+    }
+    b
+}
+
+/// An `NBD_REP_META_CONTEXT` payload: (context id, context name).
+pub fn parse_meta_context(b: &[u8]) -> Result<(u32, String), ProtoError> {
+    let id = b.get(..4).map(|c| be_u32(c, 0)).ok_or(ProtoError::Malformed("short meta context reply"))?;
+    let name = std::str::from_utf8(&b[4..]).map_err(|_| ProtoError::Malformed("meta context name not UTF-8"))?;
+    Ok((id, name.to_string()))
+}
+
+/// A structured reply chunk header: (flags, type, cookie, payload length).
+pub fn parse_chunk_header(b: &[u8; 20]) -> Result<(u16, u16, u64, u32), ProtoError> {
+    let magic = be_u32(b, 0);
+    if magic != STRUCTURED_REPLY_MAGIC {
+        return Err(ProtoError::Magic { expected: STRUCTURED_REPLY_MAGIC.into(), found: magic.into() });
+    }
+    Ok((be_u16(b, 4), be_u16(b, 6), be_u64(b, 8), be_u32(b, 16)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

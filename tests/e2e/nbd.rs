@@ -411,3 +411,99 @@ fn memory_images_are_served_read_only_even_on_a_writable_server() {
     assert!(crate::util::same_file(&copy, &mem));
     srv.stop();
 }
+
+/// A `qemu-nbd` serving `image` read-only as export `disk0` at `addr` (`-k SOCKET` or
+/// `-b HOST -p PORT` arguments); killed when dropped.
+struct QemuNbd(Child);
+
+impl QemuNbd {
+    fn start(image: &Path, format: &str, addr: &[&str]) -> Self {
+        let img = image.to_str().expect("utf-8 path");
+        let child = Command::new("qemu-nbd")
+            .args(["-r", "-t", "-f", format, "-x", "disk0"])
+            .args(addr)
+            .arg(img)
+            .spawn()
+            .expect("qemu-nbd is needed");
+        QemuNbd(child)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Wait until `ready` holds (a server coming up), at most 10 s.
+fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{what} did not come up");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+#[test]
+fn backup_from_nbd_exports_reads_only_data_and_keeps_every_byte() {
+    let env = Env::new();
+    env.init(&[]);
+    // A qcow2 with 3 MiB of data, 64 KiB more further on, a zeroed MiB, holes elsewhere.
+    let qcow = env.path("src.qcow2");
+    let q = qcow.to_str().expect("utf-8 path");
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", q, "64M"]);
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xab 1M 3M", "-c", "write -P 0x11 40M 64k", "-c", "write -z 50M 1M", q],
+    );
+    let raw = env.path("src.raw");
+    tool("qemu-img", &["convert", "-O", "raw", q, raw.to_str().expect("path")]);
+
+    // Over a Unix socket: only what block status calls data is read.
+    let sock = env.path("nbd.sock");
+    let _unix = QemuNbd::start(&qcow, "qcow2", &["-k", sock.to_str().expect("path")]);
+    wait_until("qemu-nbd on its socket", || sock.exists());
+    let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
+    let out = env.json(&["backup", "--vm", "q", &format!("xvda={uri}")]);
+    let read = out["snapshot"]["summary"]["read_bytes"].as_u64().unwrap();
+    assert!(
+        read >= 3 << 20 && read <= (3 << 20) + (64 << 10),
+        "read {read} bytes of a 64 MiB export holding 3 MiB + 64 KiB"
+    );
+    let got = env.cmd().args(["cat", "q@latest:xvda"]).output().unwrap().stdout;
+    assert!(got == std::fs::read(&raw).unwrap(), "the backup differs from qemu-img convert's image");
+
+    // Over TCP: the same bytes, nothing new stored.
+    let port = free_port().to_string();
+    let _tcp = QemuNbd::start(&qcow, "qcow2", &["-b", "127.0.0.1", "-p", &port]);
+    wait_until("qemu-nbd on its port", || std::net::TcpStream::connect(("127.0.0.1", port.parse().unwrap())).is_ok());
+    let out = env.json(&["backup", "--vm", "q", &format!("xvda=nbd://127.0.0.1:{port}/disk0")]);
+    assert_eq!(out["snapshot"]["summary"]["new_bytes"], 0, "{out}");
+    let got = env.cmd().args(["cat", "q@latest:xvda"]).output().unwrap().stdout;
+    assert!(got == std::fs::read(&raw).unwrap());
+
+    // From vmvault's own server: a backup of a backup, holes again unread.
+    let srv = Server::start(&env, &[]);
+    let out = env.json(&["backup", "--vm", "copy", &format!("xvda={}", srv.uri("q@latest/xvda"))]);
+    let read = out["snapshot"]["summary"]["read_bytes"].as_u64().unwrap();
+    assert!(read <= 4 << 20, "read {read} bytes from vmvault serve");
+    let got = env.cmd().args(["cat", "copy@latest:xvda"]).output().unwrap().stdout;
+    assert!(got == std::fs::read(&raw).unwrap());
+
+    // Clear errors.
+    let err = env.fails(&["backup", "--vm", "x", &format!("xvda=nbd://127.0.0.1:{port}/nosuch")]);
+    assert!(err.contains("no such export") || err.contains("refused"), "{err}");
+    let err = env.fails(&["backup", "--vm", "x", "xvda=nbds://127.0.0.1/disk0"]);
+    assert!(err.contains("not supported"), "{err}");
+    let err = env.fails(&["backup", "--vm", "x", "xvda=nbd+unix:///disk0"]);
+    assert!(err.contains("no socket=PATH"), "{err}");
+    let err = env.fails(&["backup", "--vm", "x", "xvda=nbd://127.0.0.1:1/disk0"]);
+    assert!(err.contains("connecting to NBD server 127.0.0.1:1"), "{err}");
+}
