@@ -145,6 +145,8 @@ struct Conn {
     structured: bool,
     /// The id of the `base:allocation` meta context, when the server gave one.
     alloc_ctx: Option<u32>,
+    /// The id of the other context asked for (a dirty bitmap), when the server gave it.
+    extra_ctx: Option<u32>,
     _permit: Option<Permit>,
 }
 
@@ -185,9 +187,15 @@ fn option_reply(s: &mut dyn Io, t: &Target, option: u32) -> io::Result<(u32, Vec
     Ok((rep, data))
 }
 
-/// An early end of the connection, said plainly.
+/// An early end of the connection (or a silent server), said plainly.
 fn closed(t: &Target, e: io::Error, when: &str) -> io::Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
+    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        let secs = TIMEOUT.as_secs();
+        err(
+            io::ErrorKind::TimedOut,
+            format!("NBD server at {} sent nothing for {secs} s {when} (export {})", t.addr, t.label),
+        )
+    } else if e.kind() == io::ErrorKind::UnexpectedEof {
         err(
             io::ErrorKind::ConnectionAborted,
             format!("NBD server at {} closed the connection {when} (export {})", t.addr, t.label),
@@ -212,6 +220,11 @@ pub fn probe(target: &Target) -> io::Result<u64> {
 
 /// Connect and negotiate; the connection is in transmission when this returns.
 fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
+    connect_with(t, permit, None)
+}
+
+/// [`connect`], also asking for meta context `extra`.
+fn connect_with(t: &Target, permit: Option<Permit>, extra: Option<&str>) -> io::Result<Conn> {
     if let Some(path) = t.addr.strip_prefix("unix:") {
         if t.tls.is_some() {
             return Err(bad(t, "TLS over a Unix socket is not supported"));
@@ -221,7 +234,7 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
         s.set_read_timeout(Some(TIMEOUT))?;
         s.set_write_timeout(Some(TIMEOUT))?;
         let no_zeroes = greet(&mut s, t)?;
-        return negotiate(Box::new(s), t, no_zeroes, permit);
+        return negotiate(Box::new(s), t, no_zeroes, permit, extra);
     }
     let addrs: Vec<_> = t.addr.to_socket_addrs().map_err(|e| err(e.kind(), format!("{}: {e}", t.addr)))?.collect();
     let mut last = err(io::ErrorKind::NotFound, format!("{}: no address", t.addr));
@@ -261,7 +274,7 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
             Box::new(st)
         }
     };
-    negotiate(s, t, no_zeroes, permit)
+    negotiate(s, t, no_zeroes, permit, extra)
 }
 
 /// Read the server's greeting and answer it; true when both sides skip the 124 zeros.
@@ -278,16 +291,18 @@ fn greet(s: &mut dyn Io, t: &Target) -> io::Result<bool> {
     Ok(no_zeroes)
 }
 
-/// Ask for structured replies, then for the `base:allocation` context of the export; a
-/// server that refuses either is used without (reads and no block status).
-fn ask_block_status(conn: &mut Conn, t: &Target) -> io::Result<()> {
+/// Ask for structured replies, then for the `base:allocation` context of the export (and
+/// `extra`); a server that refuses either is used without (reads and no block status).
+fn ask_block_status(conn: &mut Conn, t: &Target, extra: Option<&str>) -> io::Result<()> {
     send(&mut *conn.s, &proto::option_request(proto::OPT_STRUCTURED_REPLY, &[]))?;
     let (rep, _) = option_reply(&mut *conn.s, t, proto::OPT_STRUCTURED_REPLY)?;
     if rep != proto::REP_ACK {
         return Ok(());
     }
     conn.structured = true;
-    let query = proto::meta_request(&t.export, &["base:allocation"]);
+    let mut queries = vec!["base:allocation"];
+    queries.extend(extra);
+    let query = proto::meta_request(&t.export, &queries);
     send(&mut *conn.s, &proto::option_request(proto::OPT_SET_META_CONTEXT, &query))?;
     for _ in 0..MAX_INFOS {
         let (rep, data) = option_reply(&mut *conn.s, t, proto::OPT_SET_META_CONTEXT)?;
@@ -296,6 +311,8 @@ fn ask_block_status(conn: &mut Conn, t: &Target) -> io::Result<()> {
                 let (id, name) = proto::parse_meta_context(&data).map_err(|e| bad(t, e))?;
                 if name == "base:allocation" {
                     conn.alloc_ctx = Some(id);
+                } else if Some(name.as_str()) == extra {
+                    conn.extra_ctx = Some(id);
                 }
             }
             proto::REP_ACK => return Ok(()),
@@ -307,7 +324,13 @@ fn ask_block_status(conn: &mut Conn, t: &Target) -> io::Result<()> {
 }
 
 /// Select the export (GO, or EXPORT_NAME when the server knows no GO).
-fn negotiate(s: Box<dyn Io>, t: &Target, no_zeroes: bool, permit: Option<Permit>) -> io::Result<Conn> {
+fn negotiate(
+    s: Box<dyn Io>,
+    t: &Target,
+    no_zeroes: bool,
+    permit: Option<Permit>,
+    extra: Option<&str>,
+) -> io::Result<Conn> {
     let mut conn = Conn {
         s,
         size: 0,
@@ -317,10 +340,11 @@ fn negotiate(s: Box<dyn Io>, t: &Target, no_zeroes: bool, permit: Option<Permit>
         cookie: 0,
         structured: false,
         alloc_ctx: None,
+        extra_ctx: None,
         _permit: permit,
     };
-    if t.block_status {
-        ask_block_status(&mut conn, t)?;
+    if t.block_status || extra.is_some() {
+        ask_block_status(&mut conn, t, extra)?;
     }
     let go = proto::info_request(&t.export, &[proto::INFO_BLOCK_SIZE]);
     send(&mut *conn.s, &proto::option_request(proto::OPT_GO, &go))?;
@@ -562,6 +586,13 @@ impl Conn {
     /// (length, reads as zeros).
     fn block_status(&mut self, t: &Target, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
         let ctx = self.alloc_ctx.ok_or_else(|| bad(t, "no base:allocation context"))?;
+        let runs = self.status_of(t, ctx, offset, len)?;
+        Ok(runs.into_iter().map(|(n, state)| (n, state & proto::STATE_ZERO != 0)).collect())
+    }
+
+    /// Meta context `ctx` from `offset` (at most `len` bytes, at least one descriptor): runs
+    /// of (length, state flags).
+    fn status_of(&mut self, t: &Target, ctx: u32, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
         let len = len.min(self.size - offset).min(1 << 30) as u32;
         self.cookie += 1;
         let cookie = self.cookie;
@@ -584,7 +615,7 @@ impl Conn {
                             if length == 0 {
                                 return Err(bad(t, "a block status descriptor of 0 bytes"));
                             }
-                            runs.push((length, state & proto::STATE_ZERO != 0));
+                            runs.push((length, state));
                         }
                     }
                 }
@@ -649,7 +680,7 @@ impl Session {
         let target = Target { addr, export: export.into(), label, tls: None, block_status };
         let mut s: Box<dyn Io> = Box::new(stream);
         let no_zeroes = greet(&mut *s, &target)?;
-        let conn = negotiate(s, &target, no_zeroes, None)?;
+        let conn = negotiate(s, &target, no_zeroes, None, None)?;
         Ok(Session { conn, target, received: AtomicU64::new(0) })
     }
 
@@ -663,6 +694,37 @@ impl Session {
         blockdev::check_range(self.conn.size, offset, buf.len() as u64)?;
         self.conn.read(&self.target, offset, buf, &self.received)
     }
+}
+
+/// The ranges a dirty bitmap of the export marks (`qemu:dirty-bitmap:BITMAP`, which qemu-nbd
+/// offers with `-B BITMAP` and a running qemu with `block-export-add … bitmaps`): what changed
+/// since the bitmap was created or cleared — a qemu VM's changed block tracking.
+pub fn dirty_ranges(t: &Target, bitmap: &str) -> io::Result<Vec<std::ops::Range<u64>>> {
+    let name = format!("qemu:dirty-bitmap:{bitmap}");
+    let mut conn = connect_with(t, None, Some(&name))?;
+    let Some(ctx) = conn.extra_ctx else {
+        conn.disconnect();
+        return Err(bad(t, format!("the server offers no {name} (qemu-nbd -B {bitmap}?)")));
+    };
+    let (size, mut at, mut out) = (conn.size, 0u64, Vec::<std::ops::Range<u64>>::new());
+    while at < size {
+        // Each answer holds at least one non-empty descriptor from `at`: this ends.
+        for (len, state) in conn.status_of(t, ctx, at, size - at)? {
+            let end = at.saturating_add(len).min(size);
+            if state & 1 != 0 {
+                match out.last_mut() {
+                    Some(last) if last.end == at => last.end = end,
+                    _ => out.push(at..end),
+                }
+            }
+            at = end;
+            if at >= size {
+                break;
+            }
+        }
+    }
+    conn.disconnect();
+    Ok(out)
 }
 
 /// Which fixed-size blocks of a disk hold data, as far as the source knows (a VHD's BAT).

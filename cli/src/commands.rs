@@ -129,7 +129,9 @@ pub struct BackupArgs {
     #[arg(long)]
     parent: Option<String>,
     /// Changed ranges of a disk since the parent, as NAME=FILE; FILE has `OFFSET LENGTH`
-    /// lines (bytes). Only those ranges are read; the rest comes from the parent.
+    /// lines (bytes). Only those ranges are read; the rest comes from the parent. For a disk
+    /// read from an NBD URI, NAME=bitmap:BITMAP takes them from the export's dirty bitmap
+    /// (`qemu:dirty-bitmap:BITMAP`: qemu-nbd -B, a running qemu's NBD export).
     #[arg(long = "changed", value_name = "NAME=FILE")]
     changed: Vec<String>,
     /// Worker threads (default: one per core).
@@ -342,24 +344,35 @@ fn parse_ranges(path: &Path) -> Result<Vec<std::ops::Range<u64>>> {
 
 fn backup(ctx: &Ctx, a: BackupArgs) -> Result<()> {
     let repo = ctx.open()?;
+    // Changed ranges first: a dirty bitmap is read over a connection of its own, closed
+    // before the disk's (servers such as qemu-nbd take one client at a time by default).
+    let mut changed = Vec::new();
+    for c in &a.changed {
+        let (name, file) = c.split_once('=').ok_or_else(|| anyhow!("--changed {c:?}: expected NAME=FILE"))?;
+        let disk = a.disks.iter().find_map(|d| d.strip_prefix(name)?.strip_prefix('='));
+        let disk = disk.ok_or_else(|| anyhow!("--changed names {name:?}, which is not a disk of this backup"))?;
+        let ranges = match file.strip_prefix("bitmap:") {
+            Some(bitmap) => {
+                let target = capture::nbd::Target::from_uri(disk)
+                    .map_err(|e| anyhow!("--changed {name}=bitmap:…: the disk must be an NBD URI ({e})"))?;
+                capture::nbd::dirty_ranges(&target, bitmap)
+                    .with_context(|| format!("dirty bitmap {bitmap} of {name}"))?
+            }
+            None => parse_ranges(Path::new(file))?,
+        };
+        changed.push((name.to_string(), ranges));
+    }
     let mut sources = Vec::new();
     for d in &a.disks {
         let (name, path) =
             d.split_once('=').ok_or_else(|| anyhow!("disk {d:?}: expected NAME=PATH, e.g. xvda=disk0.raw"))?;
+        let ranges = changed.iter().find(|(n, _)| n == name).map(|(_, r)| r.clone());
         sources.push(Source {
             name: name.into(),
             kind: StreamKind::Disk,
             dev: open_source(name, Path::new(path))?,
-            changed: None,
+            changed: ranges,
         });
-    }
-    for c in &a.changed {
-        let (name, file) = c.split_once('=').ok_or_else(|| anyhow!("--changed {c:?}: expected NAME=FILE"))?;
-        let src = sources
-            .iter_mut()
-            .find(|s| s.name == name)
-            .ok_or_else(|| anyhow!("--changed names {name:?}, which is not a disk of this backup"))?;
-        src.changed = Some(parse_ranges(Path::new(file))?);
     }
     if let Some(m) = &a.memory {
         sources.push(Source {
