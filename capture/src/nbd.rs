@@ -43,6 +43,9 @@ const MAX_REPLY: u32 = 64 << 10;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Most replies accepted for one GO (a server sends a handful).
 const MAX_INFOS: usize = 64;
+/// Largest block status reply accepted: the protocol asks clients to take 32 MiB (qemu sends
+/// up to 2^17 descriptors).
+const MAX_STATUS_REPLY: u32 = 4 + (32 << 20);
 
 /// TLS for an NBD connection.
 #[derive(Clone, Debug)]
@@ -54,7 +57,7 @@ pub struct TlsTarget {
 /// Where an export is.
 #[derive(Clone)]
 pub struct Target {
-    /// `host:port`, or `unix:PATH` for a Unix socket.
+    /// `host:port`, or `unix:/PATH` for a Unix socket (an absolute path).
     pub addr: String,
     pub export: String,
     /// How errors name the export (the name itself may hold a secret).
@@ -71,6 +74,7 @@ impl Target {
     pub fn from_uri(uri: &str) -> Result<Target, String> {
         let bad = |why: &str| format!("NBD URI {uri:?}: {why}");
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("expected nbd://HOST[:PORT]/EXPORT"))?;
+        let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let export = decode_uri_part(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
@@ -79,13 +83,27 @@ impl Target {
                 if !query.is_empty() {
                     return Err(bad("nbd:// takes no query"));
                 }
-                let (host, port) = match authority.rsplit_once(':') {
-                    Some((h, p)) if !p.contains(']') => {
-                        (h, p.parse::<u16>().map_err(|_| bad(&format!("port {p:?} is not a number")))?)
+                // HOST, [V6] or either with :PORT (empty: the default).
+                let (host, port) = match authority.strip_prefix('[') {
+                    Some(v6) => {
+                        let (h, after) = v6.split_once(']').ok_or_else(|| bad("no ] after the IPv6 host"))?;
+                        let port = match after {
+                            "" => "",
+                            p => p.strip_prefix(':').ok_or_else(|| bad("junk after the IPv6 host"))?,
+                        };
+                        (format!("[{h}]"), port)
                     }
-                    _ => (authority, 10809),
+                    None if authority.matches(':').count() > 1 => return Err(bad("IPv6 hosts go in brackets")),
+                    None => {
+                        let (h, p) = authority.split_once(':').unwrap_or((authority, ""));
+                        (h.to_string(), p)
+                    }
                 };
-                if host.is_empty() {
+                let port = match port {
+                    "" => 10809,
+                    p => p.parse::<u16>().map_err(|_| bad(&format!("port {p:?} is not a number")))?,
+                };
+                if host.is_empty() || host == "[]" {
                     return Err(bad("no host"));
                 }
                 format!("{host}:{port}")
@@ -96,7 +114,10 @@ impl Target {
                 }
                 let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="));
                 let socket = socket.and_then(decode_uri_part).filter(|s| !s.is_empty());
-                format!("unix:{}", socket.ok_or_else(|| bad("no socket=PATH"))?)
+                let socket = socket.ok_or_else(|| bad("no socket=PATH"))?;
+                // Absolute, so `unix:/…` cannot be mistaken for a host named "unix".
+                let path = std::path::absolute(&socket).map_err(|e| bad(&format!("socket {socket:?}: {e}")))?;
+                format!("unix:{}", path.display())
             }
             "nbds" | "nbds+unix" => return Err(bad("NBD over TLS is not supported as a backup source yet")),
             s => return Err(bad(&format!("unknown scheme {s:?}"))),
@@ -112,8 +133,8 @@ fn decode_uri_part(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -225,7 +246,7 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
 
 /// [`connect`], also asking for meta context `extra`.
 fn connect_with(t: &Target, permit: Option<Permit>, extra: Option<&str>) -> io::Result<Conn> {
-    if let Some(path) = t.addr.strip_prefix("unix:") {
+    if let Some(path) = t.addr.strip_prefix("unix:").filter(|p| p.starts_with('/')) {
         if t.tls.is_some() {
             return Err(bad(t, "TLS over a Unix socket is not supported"));
         }
@@ -300,8 +321,11 @@ fn ask_block_status(conn: &mut Conn, t: &Target, extra: Option<&str>) -> io::Res
         return Ok(());
     }
     conn.structured = true;
-    let mut queries = vec!["base:allocation"];
-    queries.extend(extra);
+    // A dirty bitmap's connection asks for that context alone.
+    let queries = match extra {
+        Some(e) => vec![e],
+        None => vec!["base:allocation"],
+    };
     let query = proto::meta_request(&t.export, &queries);
     send(&mut *conn.s, &proto::option_request(proto::OPT_SET_META_CONTEXT, &query))?;
     for _ in 0..MAX_INFOS {
@@ -316,7 +340,11 @@ fn ask_block_status(conn: &mut Conn, t: &Target, extra: Option<&str>) -> io::Res
                 }
             }
             proto::REP_ACK => return Ok(()),
-            r if r & 0x8000_0000 != 0 => return Ok(()), // no contexts: reads only
+            r if r & 0x8000_0000 != 0 => {
+                // No contexts after all: reads only.
+                (conn.alloc_ctx, conn.extra_ctx) = (None, None);
+                return Ok(());
+            }
             _ => {}
         }
     }
@@ -478,6 +506,9 @@ impl Conn {
         received: &AtomicU64,
     ) -> io::Result<()> {
         let mut covered: Vec<Vec<(u64, u64)>> = vec![Vec::new(); pieces.len()];
+        // Bytes covered per request so far: never more than asked (a server repeating
+        // chunks is stopped at once, not when its DONE comes).
+        let mut total = vec![0u64; pieces.len()];
         let mut done = vec![false; pieces.len()];
         let mut scratch = Vec::new();
         let mid = |e| closed(t, e, "in the middle of a read");
@@ -488,11 +519,11 @@ impl Conn {
             let (_, p_off, p_len) = pieces[i];
             let inside = |at: u64, n: u64| at >= p_off && at.checked_add(n).is_some_and(|e| e <= p_off + p_len);
             match kind {
-                proto::REPLY_TYPE_OFFSET_DATA if len >= 8 => {
+                proto::REPLY_TYPE_OFFSET_DATA if len > 8 => {
                     let mut o = [0u8; 8];
                     self.s.read_exact(&mut o).map_err(mid)?;
                     let (at, n) = (u64::from_be_bytes(o), u64::from(len - 8));
-                    if !inside(at, n) {
+                    if !inside(at, n) || total[i] + n > p_len {
                         return Err(bad(t, format!("{n} bytes of data at {at} for a read of {p_len} at {p_off}")));
                     }
                     let (lo, hi) = (at.max(want.start), (at + n).min(want.end));
@@ -508,6 +539,7 @@ impl Conn {
                         }
                     }
                     covered[i].push((at, n));
+                    total[i] += n;
                     received.fetch_add(n, Ordering::Relaxed);
                 }
                 proto::REPLY_TYPE_OFFSET_HOLE if len == 12 => {
@@ -515,7 +547,7 @@ impl Conn {
                     self.s.read_exact(&mut h).map_err(mid)?;
                     let at = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
                     let n = u64::from(u32::from_be_bytes(h[8..].try_into().expect("4 bytes")));
-                    if n == 0 || !inside(at, n) {
+                    if n == 0 || !inside(at, n) || total[i] + n > p_len {
                         return Err(bad(t, format!("a hole of {n} bytes at {at} for a read of {p_len} at {p_off}")));
                     }
                     let (lo, hi) = (at.max(want.start), (at + n).min(want.end));
@@ -523,8 +555,9 @@ impl Conn {
                         buf[(lo - want.start) as usize..(hi - want.start) as usize].fill(0);
                     }
                     covered[i].push((at, n));
+                    total[i] += n;
                 }
-                proto::REPLY_TYPE_NONE if len == 0 => {}
+                proto::REPLY_TYPE_NONE if len == 0 && flags & proto::REPLY_FLAG_DONE != 0 => {}
                 k if k & 0x8000 != 0 => {
                     let why = self.chunk_error(t, len)?;
                     return Err(err(
@@ -565,7 +598,24 @@ impl Conn {
             return Err(bad(t, "a structured reply without having asked for them"));
         }
         let mut head = [0u8; 20];
-        self.s.read_exact(&mut head).map_err(|e| closed(t, e, "in the middle of a reply"))?;
+        self.s.read_exact(&mut head[..4]).map_err(|e| closed(t, e, "in the middle of a reply"))?;
+        if head[..4] == proto::SIMPLE_REPLY_MAGIC.to_be_bytes() {
+            // Allowed even now for an error without payload.
+            self.s.read_exact(&mut head[4..16]).map_err(|e| closed(t, e, "in the middle of a reply"))?;
+            let (cookie, error) =
+                proto::parse_simple_reply(head[..16].try_into().expect("16 bytes")).map_err(|e| bad(t, e))?;
+            if error == 0 {
+                return Err(bad(
+                    t,
+                    format!("a simple reply without error to request {cookie} after structured replies"),
+                ));
+            }
+            return Err(err(
+                io::ErrorKind::Other,
+                format!("NBD server at {} ({}): request {cookie} failed with error {error}", t.addr, t.label),
+            ));
+        }
+        self.s.read_exact(&mut head[4..]).map_err(|e| closed(t, e, "in the middle of a reply"))?;
         proto::parse_chunk_header(&head).map_err(|e| bad(t, e))
     }
 
@@ -582,33 +632,41 @@ impl Conn {
         Ok(if msg.is_empty() { format!("error {code}") } else { format!("error {code} ({msg})") })
     }
 
-    /// `base:allocation` from `offset` (at most `len` bytes, at least one descriptor): runs of
-    /// (length, reads as zeros).
-    fn block_status(&mut self, t: &Target, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+    /// `base:allocation` from `offset` rounded down to the minimum block (at most `len` bytes,
+    /// at least one descriptor): that start, and runs of (length, reads as zeros).
+    fn block_status(&mut self, t: &Target, offset: u64, len: u64) -> io::Result<(u64, Vec<(u64, bool)>)> {
         let ctx = self.alloc_ctx.ok_or_else(|| bad(t, "no base:allocation context"))?;
-        let runs = self.status_of(t, ctx, offset, len)?;
-        Ok(runs.into_iter().map(|(n, state)| (n, state & proto::STATE_ZERO != 0)).collect())
+        let (start, runs) = self.status_of(t, ctx, offset, len)?;
+        Ok((start, runs.into_iter().map(|(n, state)| (n, state & proto::STATE_ZERO != 0)).collect()))
     }
 
-    /// Meta context `ctx` from `offset` (at most `len` bytes, at least one descriptor): runs
-    /// of (length, state flags).
-    fn status_of(&mut self, t: &Target, ctx: u32, offset: u64, len: u64) -> io::Result<Vec<(u64, u32)>> {
-        let len = len.min(self.size - offset).min(1 << 30) as u32;
+    /// Meta context `ctx` from `offset` rounded down to the minimum block (at most `len`
+    /// bytes, at least one descriptor): that start and the runs of (length, state flags).
+    fn status_of(&mut self, t: &Target, ctx: u32, offset: u64, len: u64) -> io::Result<(u64, Vec<(u64, u32)>)> {
+        let start = offset / self.min_block * self.min_block;
+        let len = (offset + len).min(self.size).saturating_sub(start).clamp(1, 1 << 30) as u32;
+        let offset = start;
         self.cookie += 1;
         let cookie = self.cookie;
         let req = proto::Request { flags: 0, command: proto::CMD_BLOCK_STATUS, cookie, offset, length: len };
         send(&mut *self.s, &req.to_bytes())?;
-        let mut runs = Vec::new();
+        let (mut runs, mut seen) = (Vec::new(), Vec::new());
         loop {
             let (flags, kind, c, n) = self.chunk_header(t)?;
             if c != cookie {
                 return Err(bad(t, format!("a reply to request {c}, which is not pending")));
             }
             match kind {
-                proto::REPLY_TYPE_BLOCK_STATUS if n >= 12 && (n - 4) % 8 == 0 && n <= 16 * MAX_REPLY => {
+                proto::REPLY_TYPE_BLOCK_STATUS if n >= 12 && (n - 4) % 8 == 0 && n <= MAX_STATUS_REPLY => {
                     let mut b = vec![0u8; n as usize];
                     self.s.read_exact(&mut b).map_err(|e| closed(t, e, "in the middle of a reply"))?;
-                    if u32::from_be_bytes(b[..4].try_into().expect("4 bytes")) == ctx {
+                    let id = u32::from_be_bytes(b[..4].try_into().expect("4 bytes"));
+                    // One chunk per context (at most the two asked for).
+                    if seen.contains(&id) || seen.len() >= 2 {
+                        return Err(bad(t, format!("a second block status chunk for context {id}")));
+                    }
+                    seen.push(id);
+                    if id == ctx {
                         for d in b[4..].chunks_exact(8) {
                             let length = u64::from(u32::from_be_bytes(d[..4].try_into().expect("4 bytes")));
                             let state = u32::from_be_bytes(d[4..].try_into().expect("4 bytes"));
@@ -619,7 +677,7 @@ impl Conn {
                         }
                     }
                 }
-                proto::REPLY_TYPE_NONE if n == 0 => {}
+                proto::REPLY_TYPE_NONE if n == 0 && flags & proto::REPLY_FLAG_DONE != 0 => {}
                 k if k & 0x8000 != 0 => {
                     let why = self.chunk_error(t, n)?;
                     return Err(err(io::ErrorKind::Other, format!("block status at {offset}: {why}")));
@@ -633,7 +691,7 @@ impl Conn {
         if runs.is_empty() {
             return Err(bad(t, format!("no block status at {offset}")));
         }
-        Ok(runs)
+        Ok((start, runs))
     }
 
     /// Say goodbye (best effort).
@@ -669,8 +727,9 @@ impl Session {
         Session::start(stream, export, true)
     }
 
-    /// The server's `base:allocation` from `offset`: runs of (length, reads as zeros).
-    pub fn block_status(&mut self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+    /// The server's `base:allocation` from `offset` rounded down to its minimum block: that
+    /// start, and runs of (length, reads as zeros).
+    pub fn block_status(&mut self, offset: u64, len: u64) -> io::Result<(u64, Vec<(u64, bool)>)> {
         blockdev::check_range(self.conn.size, offset, 1)?;
         self.conn.block_status(&self.target, offset, len)
     }
@@ -708,8 +767,12 @@ pub fn dirty_ranges(t: &Target, bitmap: &str) -> io::Result<Vec<std::ops::Range<
     };
     let (size, mut at, mut out) = (conn.size, 0u64, Vec::<std::ops::Range<u64>>::new());
     while at < size {
-        // Each answer holds at least one non-empty descriptor from `at`: this ends.
-        for (len, state) in conn.status_of(t, ctx, at, size - at)? {
+        // Each answer holds at least one non-empty descriptor from `at` (rounded down to the
+        // minimum block): this ends.
+        let (start, runs) = conn.status_of(t, ctx, at, size - at)?;
+        let before = at;
+        at = start;
+        for (len, state) in runs {
             let end = at.saturating_add(len).min(size);
             if state & 1 != 0 {
                 match out.last_mut() {
@@ -721,6 +784,10 @@ pub fn dirty_ranges(t: &Target, bitmap: &str) -> io::Result<Vec<std::ops::Range<
             if at >= size {
                 break;
             }
+        }
+        if at <= before {
+            conn.disconnect();
+            return Err(bad(t, format!("block status at {before} does not move past it")));
         }
     }
     conn.disconnect();
@@ -888,39 +955,48 @@ impl BlockDev for NbdDisk {
         if let Some(m) = &self.map {
             return Ok(m.run(offset, max_len));
         }
-        let data = Run { kind: Allocation::Data, len: max_len };
         if !self.target.block_status {
-            return Ok(data);
+            return Ok(Run { kind: Allocation::Data, len: max_len });
         }
         let mut cache = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        if !cache.iter().any(|r| r.0 <= offset && offset < r.1) {
+        let at = |cache: &[(u64, u64, bool)]| {
+            let i = cache.partition_point(|r| r.1 <= offset);
+            (i < cache.len() && cache[i].0 <= offset).then_some(i)
+        };
+        if at(&cache).is_none() {
+            // Not known: whatever fails here, a bounded stretch is read instead (the read
+            // says what went wrong, if anything).
+            let data = Run { kind: Allocation::Data, len: max_len.min(64 << 20) };
             let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             if slot.is_none() {
-                let Ok(c) = self.open_conn() else { return Ok(data) }; // the read will say why
+                let Ok(c) = self.open_conn() else { return Ok(data) };
                 *slot = Some(c);
             }
             let conn = slot.as_mut().expect("connected above");
             if conn.alloc_ctx.is_none() {
-                return Ok(data);
+                return Ok(Run { kind: Allocation::Data, len: max_len });
             }
             // Ask for a good stretch at once: the answers are cached.
-            let Ok(runs) = conn.block_status(&self.target, offset, max_len.max(64 << 20)) else {
+            let Ok((start, runs)) = conn.block_status(&self.target, offset, max_len.max(64 << 20)) else {
                 *slot = None; // a connection in an unknown state is not reused
                 return Ok(data);
             };
             cache.clear();
-            let mut at = offset;
+            let mut pos = start;
             for (len, zero) in runs {
-                let end = at.saturating_add(len).min(self.size);
-                cache.push((at, end, zero));
-                at = end;
-                if at >= self.size {
+                let end = pos.saturating_add(len).min(self.size);
+                cache.push((pos, end, zero));
+                pos = end;
+                if pos >= self.size {
                     break;
                 }
             }
         }
         // The run at `offset`: the cached runs of one kind from there on.
-        let i = cache.iter().position(|r| r.0 <= offset && offset < r.1).expect("cached above");
+        let Some(i) = at(&cache) else {
+            return Ok(Run { kind: Allocation::Data, len: max_len.min(64 << 20) });
+            // an answer that stopped short
+        };
         let zero = cache[i].2;
         let mut end = cache[i].1;
         for r in &cache[i + 1..] {
@@ -972,7 +1048,7 @@ mod tests {
     fn structured_replies_fill_reads_and_answer_block_status() {
         let mut s = Session::with_block_status(Replay(io::Cursor::new(STRUCTURED.to_vec())), "disk").unwrap();
         assert_eq!(s.size(), 8192);
-        assert_eq!(s.block_status(0, 8192).unwrap(), vec![(4096, false), (4096, true)]);
+        assert_eq!(s.block_status(0, 8192).unwrap(), (0, vec![(4096, false), (4096, true)]));
         let mut b = vec![0u8; 512];
         s.read(0, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == b'a'));
@@ -998,6 +1074,112 @@ mod tests {
         assert!(e.contains("misses or repeats bytes at 1099"), "{e}");
     }
 
+    /// A server's handshake: greeting; with `structured`, structured replies and
+    /// `base:allocation` as context 1 accepted; GO with an `size`-byte export.
+    fn handshake(structured: bool, size: u64) -> Vec<u8> {
+        let opt = |b: &mut Vec<u8>, o: u32, rep: u32, data: &[u8]| {
+            b.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+            b.extend_from_slice(&o.to_be_bytes());
+            b.extend_from_slice(&rep.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+        };
+        let mut b = b"NBDMAGICIHAVEOPT".to_vec();
+        b.extend_from_slice(&3u16.to_be_bytes());
+        if structured {
+            opt(&mut b, proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[]);
+            opt(&mut b, proto::OPT_SET_META_CONTEXT, proto::REP_META_CONTEXT, b"\0\0\0\x01base:allocation");
+            opt(&mut b, proto::OPT_SET_META_CONTEXT, proto::REP_ACK, &[]);
+        }
+        opt(&mut b, proto::OPT_GO, proto::REP_INFO, &proto::info_export(size, 1));
+        opt(&mut b, proto::OPT_GO, proto::REP_ACK, &[]);
+        b
+    }
+
+    fn chunk(b: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, payload: &[u8]) {
+        proto::chunk_header(b, cookie, flags, kind, payload.len() as u32);
+        b.extend_from_slice(payload);
+    }
+
+    /// Replays `bytes` and records what the client sends.
+    struct Recorder(io::Cursor<Vec<u8>>, Arc<Mutex<Vec<u8>>>);
+
+    impl Read for Recorder {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.1.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The options a client sent, in order.
+    fn options_sent(sent: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut at = 4; // after the client flags
+        while sent.len() >= at + 16 && &sent[at..at + 8] == b"IHAVEOPT" {
+            out.push(u32::from_be_bytes(sent[at + 8..at + 12].try_into().unwrap()));
+            at += 16 + u32::from_be_bytes(sent[at + 12..at + 16].try_into().unwrap()) as usize;
+        }
+        out
+    }
+
+    #[test]
+    fn xapi_targets_send_no_structured_options_and_others_ask_before_go() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let r = Recorder(io::Cursor::new(handshake(false, 4096)), sent.clone());
+        Session::over(r, "/uuid?session_id=x").unwrap();
+        assert_eq!(options_sent(&sent.lock().unwrap()), vec![proto::OPT_GO]);
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let r = Recorder(io::Cursor::new(handshake(true, 4096)), sent.clone());
+        Session::with_block_status(r, "disk").unwrap();
+        let opts = options_sent(&sent.lock().unwrap());
+        assert_eq!(opts, vec![proto::OPT_STRUCTURED_REPLY, proto::OPT_SET_META_CONTEXT, proto::OPT_GO]);
+    }
+
+    #[test]
+    fn bad_structured_replies_are_errors_not_data() {
+        let session = |tail: Vec<u8>| {
+            let mut b = handshake(true, 8192);
+            b.extend(tail);
+            Session::with_block_status(Replay(io::Cursor::new(b)), "disk").unwrap()
+        };
+        let done = proto::REPLY_FLAG_DONE;
+        // An error chunk: its message reaches the caller.
+        let mut t = Vec::new();
+        proto::error_chunk(&mut t, 1, proto::EIO, "medium error", None);
+        let e = session(t).read(0, &mut [0u8; 512]).unwrap_err().to_string();
+        assert!(e.contains("error 5 (medium error)"), "{e}");
+        // NONE without DONE, and a hole repeated past the request, are refused at once.
+        let mut t = Vec::new();
+        chunk(&mut t, 0, proto::REPLY_TYPE_NONE, 1, &[]);
+        assert!(session(t).read(0, &mut [0u8; 512]).is_err());
+        let mut t = Vec::new();
+        for _ in 0..3 {
+            chunk(&mut t, 0, proto::REPLY_TYPE_OFFSET_HOLE, 1, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        }
+        let e = session(t).read(0, &mut [0u8; 512]).unwrap_err().to_string();
+        assert!(e.contains("a hole of 256 bytes at 0"), "{e}");
+        // A simple error reply to a block status is that error.
+        let t = proto::simple_reply(1, proto::EINVAL).to_vec();
+        let e = session(t).block_status(0, 8192).unwrap_err().to_string();
+        assert!(e.contains("failed with error 22"), "{e}");
+        // Two chunks for one context.
+        let mut t = Vec::new();
+        let status = [0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 0];
+        chunk(&mut t, 0, proto::REPLY_TYPE_BLOCK_STATUS, 1, &status);
+        chunk(&mut t, done, proto::REPLY_TYPE_BLOCK_STATUS, 1, &status);
+        let e = session(t).block_status(0, 8192).unwrap_err().to_string();
+        assert!(e.contains("a second block status chunk for context 1"), "{e}");
+    }
+
     #[test]
     fn nbd_uris_name_the_address_and_export() {
         let t = Target::from_uri("nbd://host.example:10900/disk%200").unwrap();
@@ -1008,6 +1190,13 @@ mod tests {
         assert_eq!((t.addr.as_str(), t.export.as_str()), ("[::1]:99", ""));
         let t = Target::from_uri("nbd+unix:///web01@latest/xvda?socket=/run/a%20b.sock").unwrap();
         assert_eq!((t.addr.as_str(), t.export.as_str()), ("unix:/run/a b.sock", "web01@latest/xvda"));
+        let t = Target::from_uri("nbd+unix:///x?socket=rel.sock#frag").unwrap();
+        assert!(t.addr.starts_with("unix:/") && t.addr.ends_with("/rel.sock"), "{}", t.addr);
+        assert_eq!(t.export, "x");
+        let t = Target::from_uri("nbd://unix:80/x").unwrap();
+        assert_eq!(t.addr, "unix:80", "a host named unix is a host");
+        let t = Target::from_uri("nbd://h:/x").unwrap();
+        assert_eq!(t.addr, "h:10809");
         for (bad, why) in [
             ("nbd://h:port/x", "not a number"),
             ("nbd:///x", "no host"),
@@ -1016,6 +1205,10 @@ mod tests {
             ("nbds://h/x", "not supported"),
             ("http://h/x", "unknown scheme"),
             ("nbd://h/%zz", "escape"),
+            ("nbd://h/%+f", "escape"),
+            ("nbd://::1/x", "brackets"),
+            ("nbd://[::1/x", "no ]"),
+            ("nbd://[::1]x/y", "junk"),
             ("disk.img", "expected nbd://"),
         ] {
             let e = Target::from_uri(bad).map(|_| ()).unwrap_err();

@@ -312,7 +312,7 @@ fn init(ctx: &Ctx, a: InitArgs) -> Result<()> {
 /// whose block status lets holes go unread.
 fn open_source(name: &str, path: &Path) -> Result<Box<dyn BlockDev>> {
     let spec = path.to_string_lossy();
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbds") {
+    if ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"].iter().any(|p| spec.starts_with(p)) {
         let target = capture::nbd::Target::from_uri(&spec).map_err(|e| anyhow!("{name}: {e}"))?;
         let dev = capture::nbd::NbdDisk::open(target).with_context(|| format!("opening {name}={spec}"))?;
         return Ok(Box::new(dev));

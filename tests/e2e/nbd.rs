@@ -469,7 +469,7 @@ fn backup_from_nbd_exports_reads_only_data_and_keeps_every_byte() {
     // Over a Unix socket: only what block status calls data is read.
     let sock = env.path("nbd.sock");
     let _unix = QemuNbd::start(&qcow, "qcow2", &["-k", sock.to_str().expect("path")]);
-    wait_until("qemu-nbd on its socket", || sock.exists());
+    wait_until("qemu-nbd on its socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
     let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
     let out = env.json(&["backup", "--vm", "q", &format!("xvda={uri}")]);
     let read = out["snapshot"]["summary"]["read_bytes"].as_u64().unwrap();
@@ -499,7 +499,7 @@ fn backup_from_nbd_exports_reads_only_data_and_keeps_every_byte() {
 
     // Clear errors.
     let err = env.fails(&["backup", "--vm", "x", &format!("xvda=nbd://127.0.0.1:{port}/nosuch")]);
-    assert!(err.contains("no such export") || err.contains("refused"), "{err}");
+    assert!(err.contains("no such export"), "{err}");
     let err = env.fails(&["backup", "--vm", "x", "xvda=nbds://127.0.0.1/disk0"]);
     assert!(err.contains("not supported"), "{err}");
     let err = env.fails(&["backup", "--vm", "x", "xvda=nbd+unix:///disk0"]);
@@ -523,7 +523,7 @@ fn an_nbd_exports_dirty_bitmap_makes_an_incremental_backup() {
     let disk = format!("xvda={uri}");
     {
         let _srv = QemuNbd::start(&qcow, "qcow2", &["-k", sock.to_str().expect("path")]);
-        wait_until("qemu-nbd", || sock.exists());
+        wait_until("qemu-nbd", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
         env.ok(&["backup", "--vm", "kvm", &disk]);
     }
     // Tracking starts with the full backup; then the guest writes 64 KiB and 4 KiB.
@@ -533,7 +533,7 @@ fn an_nbd_exports_dirty_bitmap_makes_an_incremental_backup() {
     tool("qemu-img", &["convert", "-O", "raw", q, raw.to_str().expect("path")]);
     let _ = std::fs::remove_file(&sock);
     let _srv = QemuNbd::start(&qcow, "qcow2", &["-k", sock.to_str().expect("path"), "-B", "b0"]);
-    wait_until("qemu-nbd", || sock.exists());
+    wait_until("qemu-nbd", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
     let out = env.json(&["backup", "--vm", "kvm", &disk, "--changed", "xvda=bitmap:b0"]);
     let read = out["snapshot"]["summary"]["read_bytes"].as_u64().unwrap();
     // Two dirty 64 KiB blocks, each widened to its 1 MiB chunk.
