@@ -1022,31 +1022,13 @@ impl Drop for NbdDisk {
 mod tests {
     use super::*;
 
-    /// A server's side from bytes; what the client sends is swallowed.
-    struct Replay(io::Cursor<Vec<u8>>);
-
-    impl Read for Replay {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-
-    impl Write for Replay {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The fuzzer's seed of a structured conversation (an 8 KiB export, `base:allocation` as
     /// context 1): block status data + zeros, then reads answered by data, hole + data, data.
     const STRUCTURED: &[u8] = include_bytes!("../../fuzz/seeds/capture_client/nbd_structured");
 
     #[test]
     fn structured_replies_fill_reads_and_answer_block_status() {
-        let mut s = Session::with_block_status(Replay(io::Cursor::new(STRUCTURED.to_vec())), "disk").unwrap();
+        let mut s = Session::with_block_status(replay(STRUCTURED.to_vec()), "disk").unwrap();
         assert_eq!(s.size(), 8192);
         assert_eq!(s.block_status(0, 8192).unwrap(), (0, vec![(4096, false), (4096, true)]));
         let mut b = vec![0u8; 512];
@@ -1067,7 +1049,7 @@ mod tests {
         let mut bytes = STRUCTURED.to_vec();
         let hole = bytes.windows(12).position(|w| w == [0, 0, 0, 0, 0, 0, 0, 100, 0, 0, 0x03, 0xe8]).unwrap();
         bytes[hole + 11] = 0xe7;
-        let mut s = Session::with_block_status(Replay(io::Cursor::new(bytes)), "disk").unwrap();
+        let mut s = Session::with_block_status(replay(bytes), "disk").unwrap();
         s.block_status(0, 8192).unwrap();
         s.read(0, &mut [0u8; 512]).unwrap();
         let e = s.read(100, &mut [0u8; 3000]).unwrap_err().to_string();
@@ -1103,6 +1085,11 @@ mod tests {
 
     /// Replays `bytes` and records what the client sends.
     struct Recorder(io::Cursor<Vec<u8>>, Arc<Mutex<Vec<u8>>>);
+
+    /// A server's side from `bytes`, what the client sends recorded and forgotten.
+    fn replay(bytes: Vec<u8>) -> Recorder {
+        Recorder(io::Cursor::new(bytes), Arc::default())
+    }
 
     impl Read for Recorder {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -1149,7 +1136,7 @@ mod tests {
         let session = |tail: Vec<u8>| {
             let mut b = handshake(true, 8192);
             b.extend(tail);
-            Session::with_block_status(Replay(io::Cursor::new(b)), "disk").unwrap()
+            Session::with_block_status(replay(b), "disk").unwrap()
         };
         let done = proto::REPLY_FLAG_DONE;
         // An error chunk: its message reaches the caller.
