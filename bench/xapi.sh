@@ -22,7 +22,9 @@
 # with 1 % changed ≤ 3 % of the full NBD backup's time. Page cache warm (the simulator's
 # layer files and the image are read once first). Writes a markdown report to stdout and
 # WORKDIR/xapi-results.md, raw values to WORKDIR/xapi-results.tsv.
-# Env: RUNS (default 3).
+# Env: RUNS (default 3). IMAGE=PATH backs up that image instead of day0.img; with CBT_ONLY=1
+# only the NBD full and the CBT cases run (results in WORKDIR/xapi-scale-results.*): how the
+# CBT ratio scales with the disk (e.g. IMAGE=an 8 GiB concatenation of day0..day3.img).
 set -euo pipefail
 
 name=xapi.sh
@@ -34,13 +36,18 @@ sim_bin=$(dirname -- "$vmvault")/xapi-sim
 [[ -x $sim_bin ]] || die "no xapi-sim next to $vmvault; build with cargo build --release"
 [[ -x /usr/bin/time ]] || { apt-get update -qq && apt-get install -y -qq time >&2; }
 
+image=${IMAGE:-$work/day0.img}
+only_cbt=${CBT_ONLY:-0}
+results=$work/xapi-results
+[[ $only_cbt == 1 ]] && results=$work/xapi-scale-results
+size=$(stat -c %s "$image")
 dir=$work/xapi
-tsv=$work/xapi-results.tsv
+tsv=$results.tsv
 rm -rf "$dir" && mkdir -p "$dir"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf -- "$dir"' EXIT
 
-# start PURPOSE: a simulator whose VM "big" has day0.img as its disk; sets $url.
+# start PURPOSE: a simulator whose VM "big" has $image as its disk; sets $url.
 start() {
     local d=$dir/sim-$1
     mkdir -p "$d"
@@ -52,7 +59,7 @@ purpose = ["$1"]
 name = "big"
 seed = 1
 [[vm.disk]]
-image = "$work/day0.img"
+image = "$image"
 TOML
     "$sim_bin" --listen 127.0.0.1:0 --scenario "$d/pool.toml" --data-dir "$d" >"$d/log" 2>&1 &
     pids+=($!)
@@ -60,11 +67,13 @@ TOML
     grep -q listening "$d/log" || die "the simulator did not start: $(cat "$d/log")"
     url=$(grep -o 'http://[0-9.:]*' "$d/log")
 }
-log "loading the 2 GiB image into two simulators"
+log "loading $image into the simulators"
 start insecure_nbd
 plain=$url
-start nbd
-tls=https://${url#http://}
+if [[ $only_cbt != 1 ]]; then
+    start nbd
+    tls=https://${url#http://}
+fi
 export VMVAULT_XAPI_PASSWORD=password VMVAULT_PASSWORD=bench
 
 printf 'case\trun\tseconds\tmax_rss_kib\tbytes_read\n' >"$tsv"
@@ -84,36 +93,38 @@ fresh() {
     "$vmvault" -r "$dir/repo" init -q >/dev/null
     echo "$dir/repo"
 }
-cat "$work/day0.img" >/dev/null
+cat "$image" >/dev/null
 for r in $(seq "$runs"); do
     repo=$(fresh)
-    timed local "$r" "$repo" "$vmvault" -r "$repo" backup -q --vm big xvda="$work/day0.img"
-    repo=$(fresh)
     timed nbd "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport nbd
+    [[ $only_cbt == 1 ]] && continue
+    repo=$(fresh)
+    timed local "$r" "$repo" "$vmvault" -r "$repo" backup -q --vm big xvda="$image"
     repo=$(fresh)
     timed nbd-tls "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$tls" --insecure --vm big --transport nbd
     repo=$(fresh)
     timed http "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport http
     if [[ $r == "$runs" ]]; then
-        "$vmvault" -r "$repo" cat big@latest:xvda | cmp - "$work/day0.img" || die "the VHD-streamed disk differs from day0.img"
+        "$vmvault" -r "$repo" cat big@latest:xvda | cmp - "$image" || die "the VHD-streamed disk differs from $image"
     fi
     repo=$(fresh)
     timed http-raw "$r" "$repo" "$vmvault" -r "$repo" xapi backup --host "$plain" --vm big --transport http --full
 done
-# The last (http-raw) repository holds a backup of the disk; check it once against the image.
-"$vmvault" -r "$dir/repo" cat big@latest:xvda | cmp - "$work/day0.img" || die "the captured disk differs from day0.img"
+# The last repository holds a backup of the disk; check it once against the image.
+"$vmvault" -r "$dir/repo" cat big@latest:xvda | cmp - "$image" || die "the captured disk differs from $image"
 
 # write RUN SHAPE: the guest writes 1 % of the disk (SHAPE scattered or clustered).
 write() {
-    python3 - "$plain" "$1" "$2" <<'PY'
+    python3 - "$plain" "$1" "$2" "$size" <<'PY'
 import random, sys, urllib.request
-url, run, shape = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-blocks = (2 << 30) // 65536
+url, run, shape, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+blocks = size // 65536
+mibs = size >> 20
 rng = random.Random(run * 2 + (shape == "clustered"))
 if shape == "scattered":   # 1 % of the 64 KiB blocks, anywhere
     writes = [(b * 65536, 65536) for b in rng.sample(range(blocks), blocks // 100)]
 else:                      # 1 % of the disk as 1 MiB runs (files rewritten whole)
-    writes = [(m << 20, 1 << 20) for m in rng.sample(range(2048), 2048 // 100)]
+    writes = [(m << 20, 1 << 20) for m in rng.sample(range(mibs), mibs // 100)]
 for off, n in writes:
     q = f"{url}/sim/write?vm=big&disk=0&offset={off}&len={n}&seed={run * 100000 + off // 65536}"
     urllib.request.urlopen(urllib.request.Request(q, method="POST")).read()
@@ -159,13 +170,13 @@ for r in $(seq "$runs"); do
 done
 check "$repo64"
 
-python3 - "$tsv" "$work/xapi-results.md" <<'PY'
+python3 - "$tsv" "$results.md" "$size" <<'PY'
 import sys, statistics as st
 rows = [l.rstrip('\n').split('\t') for l in open(sys.argv[1])][1:]
 def vals(case, col):
     return [float(r[col]) for r in rows if r[0] == case]
-size = 2 << 30
-local = st.median(vals("local", 2))
+size = int(sys.argv[3])
+local = st.median(vals("local", 2) or [float("nan")])
 full = st.median(vals("nbd", 2))
 full64 = st.median(vals("nbd-64k", 2))
 out = ["| case | time s (min / median / max) | MB/s (median) | read from the source MiB (median) | peak RSS MiB (median) | vs local (median) | vs the NBD full, same repository kind (median) |",
@@ -174,11 +185,13 @@ cases = ("local", "nbd", "nbd-tls", "http", "http-raw", "cbt-1pct-scattered", "c
          "open", "nbd-64k", "cbt-1pct-scattered-64k", "cbt-1pct-clustered-64k")
 for case in cases:
     t = vals(case, 2)
+    if not t:
+        continue  # not run (CBT_ONLY)
     m = st.median(t)
     base = full64 if case.endswith("64k") else full
     out.append(f"| {case} | {min(t):.2f} / {m:.2f} / {max(t):.2f} | {size / m / 1e6:.0f} | "
                f"{st.median(vals(case, 4)) / 2**20:.0f} | {st.median(vals(case, 3)) / 1024:.0f} | "
-               f"{m / local:.2f}× | {m / base * 100:.1f} % |")
+               f"{m / local:.2f}× | {m / base * 100:.1f} % |".replace("nan×", "—"))
 fixed = st.median(vals("cbt-0pct", 2))
 out.append("")
 out.append(f"A CBT run with nothing changed takes {fixed:.2f} s (opening the repository alone: "
