@@ -69,8 +69,10 @@ pub struct Target {
 
 impl Target {
     /// An export named by an NBD URI (the NBD project's `uri.md`): `nbd://HOST[:PORT][/EXPORT]`
-    /// (port 10809 by default, `[v6]` hosts) or `nbd+unix:///[EXPORT]?socket=PATH`. TLS
-    /// (`nbds`) is not supported yet.
+    /// (port 10809 by default, `[v6]` hosts) or `nbd+unix:///[EXPORT]?socket=PATH`; `nbds` and
+    /// `nbds+unix` for TLS, the server's certificate checked against
+    /// `tls-certificates=DIR/ca-cert.pem` for the URI's host name (`tls-hostname=NAME` for a
+    /// Unix socket), as libnbd reads them, or not at all with `tls-verify-peer=false`.
     pub fn from_uri(uri: &str) -> Result<Target, String> {
         let bad = |why: &str| format!("NBD URI {uri:?}: {why}");
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("expected nbd://HOST[:PORT]/EXPORT"))?;
@@ -78,11 +80,10 @@ impl Target {
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let export = decode_uri_part(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
+        let param =
+            |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')).and_then(decode_uri_part);
         let addr = match scheme {
-            "nbd" => {
-                if !query.is_empty() {
-                    return Err(bad("nbd:// takes no query"));
-                }
+            "nbd" | "nbds" => {
                 // HOST, [V6] or either with :PORT (empty: the default).
                 let (host, port) = match authority.strip_prefix('[') {
                     Some(v6) => {
@@ -108,22 +109,63 @@ impl Target {
                 }
                 format!("{host}:{port}")
             }
-            "nbd+unix" => {
+            "nbd+unix" | "nbds+unix" => {
                 if !authority.is_empty() {
                     return Err(bad("nbd+unix:// takes no host (nbd+unix:///EXPORT?socket=PATH)"));
                 }
-                let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket="));
-                let socket = socket.and_then(decode_uri_part).filter(|s| !s.is_empty());
+                let socket = param("socket").filter(|s| !s.is_empty());
                 let socket = socket.ok_or_else(|| bad("no socket=PATH"))?;
                 // Absolute, so `unix:/…` cannot be mistaken for a host named "unix".
                 let path = std::path::absolute(&socket).map_err(|e| bad(&format!("socket {socket:?}: {e}")))?;
                 format!("unix:{}", path.display())
             }
-            "nbds" | "nbds+unix" => return Err(bad("NBD over TLS is not supported as a backup source yet")),
             s => return Err(bad(&format!("unknown scheme {s:?}"))),
         };
-        Ok(Target { addr, export, label: uri.to_string(), tls: None, block_status: true })
+        let tls = match scheme {
+            "nbds" | "nbds+unix" => {
+                let host = addr.rsplit_once(':').map_or("", |(h, _)| h).trim_matches(['[', ']']);
+                let name = param("tls-hostname").or_else(|| (!addr.starts_with("unix:")).then(|| host.to_string()));
+                let name = name.ok_or_else(|| bad("a Unix socket with TLS needs tls-hostname=NAME"))?;
+                let name = ServerName::try_from(name).map_err(|e| bad(&format!("TLS host name: {e}")))?;
+                let config = match (param("tls-certificates"), param("tls-verify-peer").as_deref()) {
+                    (_, Some("false")) => crate::xapi::tls::Trust::Insecure.client_config(),
+                    (Some(dir), _) => {
+                        Some(ca_config(&std::path::Path::new(&dir).join("ca-cert.pem")).map_err(|e| bad(&e))?)
+                    }
+                    (None, _) => {
+                        return Err(bad(
+                            "TLS needs tls-certificates=DIR (with DIR/ca-cert.pem) or tls-verify-peer=false",
+                        ))
+                    }
+                };
+                let config = config.ok_or_else(|| bad("no TLS configuration"))?;
+                Some(TlsTarget { config, name })
+            }
+            _ => None,
+        };
+        Ok(Target { addr, export, label: uri.to_string(), tls, block_status: true })
     }
+}
+
+/// A TLS client configuration trusting the CA certificate(s) in PEM file `ca`.
+fn ca_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let text = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&text) {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate", ca.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// A URI part with its %-escapes decoded; `None` for a broken escape or non-UTF-8 result.
@@ -247,15 +289,11 @@ fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
 /// [`connect`], also asking for meta context `extra`.
 fn connect_with(t: &Target, permit: Option<Permit>, extra: Option<&str>) -> io::Result<Conn> {
     if let Some(path) = t.addr.strip_prefix("unix:").filter(|p| p.starts_with('/')) {
-        if t.tls.is_some() {
-            return Err(bad(t, "TLS over a Unix socket is not supported"));
-        }
-        let mut s =
+        let s =
             UnixStream::connect(path).map_err(|e| err(e.kind(), format!("connecting to NBD socket {path}: {e}")))?;
         s.set_read_timeout(Some(TIMEOUT))?;
         s.set_write_timeout(Some(TIMEOUT))?;
-        let no_zeroes = greet(&mut s, t)?;
-        return negotiate(Box::new(s), t, no_zeroes, permit, extra);
+        return secure(s, t, permit, extra);
     }
     let addrs: Vec<_> = t.addr.to_socket_addrs().map_err(|e| err(e.kind(), format!("{}: {e}", t.addr)))?.collect();
     let mut last = err(io::ErrorKind::NotFound, format!("{}: no address", t.addr));
@@ -269,23 +307,31 @@ fn connect_with(t: &Target, permit: Option<Permit>, extra: Option<&str>) -> io::
             Err(e) => last = err(e.kind(), format!("connecting to NBD server {}: {e}", t.addr)),
         }
     }
-    let mut tcp = tcp.ok_or(last)?;
+    let tcp = tcp.ok_or(last)?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(TIMEOUT))?;
     tcp.set_write_timeout(Some(TIMEOUT))?;
-    let no_zeroes = greet(&mut tcp, t)?;
+    secure(tcp, t, permit, extra)
+}
+
+/// Greet the server on `s`, switch to TLS when the target asks for it, and negotiate.
+fn secure<S: Read + Write + Send + 'static>(
+    mut s: S,
+    t: &Target,
+    permit: Option<Permit>,
+    extra: Option<&str>,
+) -> io::Result<Conn> {
+    let no_zeroes = greet(&mut s, t)?;
     let s: Box<dyn Io> = match &t.tls {
-        None => Box::new(tcp),
+        None => Box::new(s),
         Some(tls) => {
-            let mut plain: Box<dyn Io> = Box::new(tcp.try_clone()?);
-            send(&mut *plain, &proto::option_request(proto::OPT_STARTTLS, &[]))?;
-            let (rep, _) = option_reply(&mut *plain, t, proto::OPT_STARTTLS)?;
+            send(&mut s, &proto::option_request(proto::OPT_STARTTLS, &[]))?;
+            let (rep, _) = option_reply(&mut s, t, proto::OPT_STARTTLS)?;
             if rep != proto::REP_ACK {
                 return Err(bad(t, format!("STARTTLS {}", rep_name(rep))));
             }
-            drop(plain);
             let c = rustls::ClientConnection::new(tls.config.clone(), tls.name.clone()).map_err(io::Error::other)?;
-            let mut st = rustls::StreamOwned::new(c, tcp);
+            let mut st = rustls::StreamOwned::new(c, s);
             // Finish the handshake here, so a certificate problem is reported as one.
             while st.conn.is_handshaking() {
                 st.conn
@@ -1189,7 +1235,8 @@ mod tests {
             ("nbd:///x", "no host"),
             ("nbd+unix:///x", "no socket"),
             ("nbd+unix://h/x?socket=/s", "no host"),
-            ("nbds://h/x", "not supported"),
+            ("nbds://h/x", "tls-certificates=DIR"),
+            ("nbds+unix:///x?socket=/s", "tls-hostname"),
             ("http://h/x", "unknown scheme"),
             ("nbd://h/%zz", "escape"),
             ("nbd://h/%+f", "escape"),

@@ -211,3 +211,81 @@ fn nbd_reads_from_qemu_nbd() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `nbds://` against qemu-nbd with x509 credentials: the server's certificate is checked
+/// against the CA in `tls-certificates=DIR` for the URI's host name; another CA fails the
+/// handshake, and plain `nbd://` is refused by the TLS-only server.
+#[test]
+fn nbds_uris_check_the_servers_certificate_against_a_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        (p.self_signed(&key).unwrap(), key)
+    };
+    let (ca_cert, ca_key) = ca("vmvault test CA");
+    let mut sp = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    sp.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    sp.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    sp.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = sp.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+    let creds = dir.path().join("server");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("ca-cert.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(creds.join("server-cert.pem"), server_cert.pem()).unwrap();
+    std::fs::write(creds.join("server-key.pem"), server_key.serialize_pem()).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("ca-cert.pem"), ca("another CA").0.pem()).unwrap();
+
+    let file = dir.path().join("disk.raw");
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// Killed when dropped, also when an assertion fails.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(
+        std::process::Command::new("qemu-nbd")
+            .args(["--read-only", "--format=raw", "--bind=127.0.0.1", "--export-name=d", "--persistent", "--shared=4"])
+            .arg(format!("--object=tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}", creds.display()))
+            .arg("--tls-creds=tls0")
+            .arg(format!("--port={port}"))
+            .arg(&file)
+            .spawn()
+            .expect("qemu-nbd (apt-get install qemu-utils)"),
+    );
+    let uri = |scheme: &str, dir: &std::path::Path| {
+        format!("{scheme}://localhost:{port}/d?tls-certificates={}", dir.display())
+    };
+    let target = Target::from_uri(&uri("nbds", &creds)).unwrap();
+    let mut disk = Err(std::io::Error::other("not tried"));
+    for _ in 0..100 {
+        disk = NbdDisk::open(target.clone());
+        if disk.as_ref().is_ok_and(|_| true)
+            || disk.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let disk = disk.expect("qemu-nbd answers over TLS");
+    let mut all = vec![0u8; data.len()];
+    disk.read_at(0, &mut all).unwrap();
+    assert!(all == data);
+    assert_eq!(disk.allocation(0, data.len() as u64).unwrap().len, data.len() as u64);
+    let e = NbdDisk::open(Target::from_uri(&uri("nbds", &other)).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("TLS with NBD server") && e.to_lowercase().contains("certificate"), "{e}");
+    let e = NbdDisk::open(Target::from_uri(&format!("nbd://localhost:{port}/d")).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("TLS required"), "{e}");
+}
