@@ -124,7 +124,10 @@ impl Target {
         let tls = match scheme {
             "nbds" | "nbds+unix" => {
                 let host = addr.rsplit_once(':').map_or("", |(h, _)| h).trim_matches(['[', ']']);
-                let name = param("tls-hostname").or_else(|| (!addr.starts_with("unix:")).then(|| host.to_string()));
+                let unchecked = param("tls-verify-peer").as_deref() == Some("false");
+                let name = param("tls-hostname")
+                    .or_else(|| (!addr.starts_with("unix:")).then(|| host.to_string()))
+                    .or_else(|| unchecked.then(|| "localhost".to_string()));
                 let name = name.ok_or_else(|| bad("a Unix socket with TLS needs tls-hostname=NAME"))?;
                 let name = ServerName::try_from(name).map_err(|e| bad(&format!("TLS host name: {e}")))?;
                 let config = match (param("tls-certificates"), param("tls-verify-peer").as_deref()) {
@@ -1230,13 +1233,15 @@ mod tests {
         assert_eq!(t.addr, "unix:80", "a host named unix is a host");
         let t = Target::from_uri("nbd://h:/x").unwrap();
         assert_eq!(t.addr, "h:10809");
+        let t = Target::from_uri("nbds+unix:///x?socket=/s&tls-verify-peer=false").unwrap();
+        assert!(t.tls.is_some() && t.addr == "unix:/s");
         for (bad, why) in [
             ("nbd://h:port/x", "not a number"),
             ("nbd:///x", "no host"),
             ("nbd+unix:///x", "no socket"),
             ("nbd+unix://h/x?socket=/s", "no host"),
             ("nbds://h/x", "tls-certificates=DIR"),
-            ("nbds+unix:///x?socket=/s", "tls-hostname"),
+            ("nbds+unix:///x?socket=/s&tls-certificates=/d", "tls-hostname"),
             ("http://h/x", "unknown scheme"),
             ("nbd://h/%zz", "escape"),
             ("nbd://h/%+f", "escape"),

@@ -288,4 +288,9 @@ fn nbds_uris_check_the_servers_certificate_against_a_ca() {
     assert!(e.contains("TLS with NBD server") && e.to_lowercase().contains("certificate"), "{e}");
     let e = NbdDisk::open(Target::from_uri(&format!("nbd://localhost:{port}/d")).unwrap()).unwrap_err().to_string();
     assert!(e.contains("TLS required"), "{e}");
+    // Encrypted without checking the certificate, when asked for.
+    let unchecked = Target::from_uri(&format!("nbds://127.0.0.1:{port}/d?tls-verify-peer=false")).unwrap();
+    let mut head = vec![0u8; 4096];
+    NbdDisk::open(unchecked).unwrap().read_at(0, &mut head).unwrap();
+    assert!(head == data[..4096]);
 }

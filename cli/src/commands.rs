@@ -113,7 +113,9 @@ pub struct BackupArgs {
     /// The VM's name; snapshots are grouped by it.
     #[arg(long)]
     vm: String,
-    /// Disks as NAME=PATH (an image file or block device), e.g. xvda=disk0.raw.
+    /// Disks as NAME=PATH (an image file or block device), e.g. xvda=disk0.raw, or NAME=URI of
+    /// an NBD export: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://… with
+    /// tls-certificates=DIR (DIR/ca-cert.pem) or tls-verify-peer=false.
     #[arg(required = true, value_name = "NAME=PATH")]
     disks: Vec<String>,
     /// A memory image to store as the `memory` stream.
