@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::cbt::{self, Patched};
 use crate::error::{Error, Result};
-use crate::nbd::{probe, NbdDisk, Target};
+use crate::nbd::{NbdDisk, Target};
 use crate::run::{Limits, Transfer};
 use crate::source::{nbd_target, nbd_wants_tls, vhd_block_map, HttpDisk};
 use crate::xapi::records::{flag, is_null, list, s, Bundle};
@@ -414,6 +414,8 @@ struct Keep {
 struct Base {
     r#ref: String,
     uuid: String,
+    /// The disk it is a snapshot of (`snapshot_of`).
+    live: String,
     /// Kept with its data: the disk was read over HTTP, where the next backup asks the pool
     /// for the difference against it (`base=`), which needs the data. Otherwise only the
     /// change log stays (`VDI.data_destroy` → `cbt_metadata`): NBD reads the changed blocks.
@@ -483,6 +485,7 @@ impl Gather<'_> {
         add_sr(self.client, &mut self.bundle, &rec);
         let size = int_field(&rec, "virtual_size").unwrap_or(0);
         let uuid = s(&rec, "uuid").to_string();
+        let live = s(&rec, "snapshot_of").to_string();
         let tracked = self.opts.cbt && kind == StreamKind::Disk && flag(&rec, "cbt_enabled");
         self.bundle.add("VDI", vdi, rec);
         self.streams.push((vdi.to_string(), name.clone()));
@@ -493,12 +496,12 @@ impl Gather<'_> {
         // small enough for a VHD export.
         let data = target.is_none() && size <= crate::source::VHD_MAX;
         if tracked {
-            let runs = self.plan_cbt(&name, vdi, size, target.is_some()).map(|p| {
+            let runs = self.plan_cbt(&name, vdi, &live, size, target.is_some()).map(|p| {
                 changed = Some(p.changed);
                 delta_base = p.base;
                 p.runs
             });
-            self.keep.vdis.push(Base { r#ref: vdi.to_string(), uuid: uuid.clone(), data });
+            self.keep.vdis.push(Base { r#ref: vdi.to_string(), uuid: uuid.clone(), live, data });
             self.cbt.insert(name.clone(), json!({"vdi": uuid, "runs": runs.unwrap_or(0), "data": data}));
         }
         let parent_dev = match &changed {
@@ -541,8 +544,7 @@ impl Gather<'_> {
                     Reading::Whole(uuid) if !self.opts.full => {
                         match vhd_block_map(self.client, vdi, None, size, &self.transfer) {
                             Ok(map) => {
-                                let end =
-                                    map.present.iter().rposition(|&p| p).map_or(0, |i| (i as u64 + 1) * map.block);
+                                let end = last(&map.ranges(size));
                                 d = d.with_map(map).finish_at(end);
                             }
                             Err(e) => {
@@ -582,7 +584,7 @@ impl Gather<'_> {
     /// backup; `None` (said in the log) when the disk must be read in full. Over NBD (`nbd`)
     /// the changes are CBT's; over HTTP, against a base kept with its data, they are the
     /// blocks the pool's `base=` export holds.
-    fn plan_cbt(&mut self, name: &str, vdi: &str, size: u64, nbd: bool) -> Option<Plan> {
+    fn plan_cbt(&mut self, name: &str, vdi: &str, live: &str, size: u64, nbd: bool) -> Option<Plan> {
         let full = |g: &Self, why: &str| -> Option<Plan> {
             g.say("info", format!("CBT: reading all of {name}: {why}"));
             None
@@ -604,8 +606,7 @@ impl Gather<'_> {
             Err(_) => return full(self, &format!("its base {base_uuid} is gone from the pool (CBT reset)")),
         };
         // A disk replaced by another of the same size at the same place is not a change.
-        let of = |r: &str| self.client.call("VDI.get_snapshot_of", &[json!(r)]).ok();
-        if of(&base_ref) != of(vdi) {
+        if self.client.call("VDI.get_snapshot_of", &[json!(base_ref)]).ok() != Some(json!(live)) {
             return full(self, &format!("its base {base_uuid} is a snapshot of another disk"));
         }
         if !nbd && base["data"].as_bool() == Some(true) {
@@ -703,7 +704,8 @@ impl Gather<'_> {
             let up = match self.nbd_up.get(&target.addr) {
                 Some(&up) => up,
                 None => {
-                    let probed = probe(&target);
+                    // Connect, negotiate and disconnect: whether it serves the export now.
+                    let probed = NbdDisk::open(target.clone()).map(drop);
                     if let Err(e) = &probed {
                         self.say("warning", format!("NBD offered but not usable ({e}): reading over HTTP"));
                     }
@@ -756,16 +758,16 @@ pub fn sweep_leftovers(client: &Client, job: &str, log: Log<'_>) -> Result<usize
 fn sweep_stale_bases(client: &Client, vm_name: &str, keep: &Keep, log: Log<'_>) {
     let kept: Vec<&String> = keep.vdis.iter().map(|b| &b.r#ref).collect();
     let mut n = 0;
-    for vdi in &kept {
-        let Ok(live) = client.call("VDI.get_snapshot_of", &[json!(vdi)]) else { continue };
-        let Ok(snaps) = client.call("VDI.get_snapshots", &[live]) else { continue };
+    for base in &keep.vdis {
+        let Ok(snaps) = client.call("VDI.get_snapshots", &[json!(base.live)]) else { continue };
         for snap in snaps.as_array().into_iter().flatten().filter_map(Value::as_str) {
-            let Ok(rec) = client.call("VDI.get_record", &[json!(snap)]) else { continue };
-            let ours = rec["other_config"][BASE_MARK].as_str() == Some(keep.mark.as_str());
-            if ours && !kept.contains(&&snap.to_string()) {
-                if call_unless_in_use(client, "VDI.destroy", &[json!(snap)]).is_ok() {
-                    n += 1;
-                }
+            if kept.contains(&&snap.to_string()) {
+                continue;
+            }
+            let Ok(other) = client.call("VDI.get_other_config", &[json!(snap)]) else { continue };
+            let ours = other[BASE_MARK].as_str() == Some(keep.mark.as_str());
+            if ours && call_unless_in_use(client, "VDI.destroy", &[json!(snap)]).is_ok() {
+                n += 1;
             }
         }
     }

@@ -86,7 +86,7 @@ impl BlockDev for Patched {
     fn allocation(&self, offset: u64, max_len: u64) -> io::Result<blockdev::Run> {
         blockdev::check_range(self.len(), offset, 1)?;
         let end = offset.saturating_add(max_len).min(self.len());
-        match self.pieces(offset, end).first() {
+        match self.pieces(offset, end).next() {
             Some((false, r)) => self.parent.allocation(offset, r.end - offset),
             Some((true, r)) => Ok(blockdev::Run { kind: blockdev::Allocation::Data, len: r.end - offset }),
             None => Ok(blockdev::Run { kind: blockdev::Allocation::Data, len: 0 }),
@@ -116,12 +116,14 @@ impl Patched {
 
     /// `offset..end` cut where the changed ranges begin and end: `(true, r)` for a piece the
     /// pool must serve, `(false, r)` for one the parent backup does.
-    fn pieces(&self, offset: u64, end: u64) -> Vec<(bool, Range<u64>)> {
-        let mut out = Vec::new();
+    fn pieces(&self, offset: u64, end: u64) -> impl Iterator<Item = (bool, Range<u64>)> + '_ {
         let mut pos = offset;
         // The first changed range that ends after `offset`.
         let mut i = self.changed.partition_point(|r| r.end <= offset);
-        while pos < end {
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
             let (from_source, until) = match self.changed.get(i) {
                 Some(r) if r.start <= pos => (true, r.end.min(end)),
                 Some(r) => (false, r.start.min(end)),
@@ -130,10 +132,10 @@ impl Patched {
             if from_source {
                 i += 1;
             }
-            out.push((from_source, pos..until));
+            let piece = (from_source, pos..until);
             pos = until;
-        }
-        out
+            Some(piece)
+        })
     }
 }
 

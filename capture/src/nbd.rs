@@ -276,14 +276,6 @@ fn send(s: &mut dyn Io, bytes: &[u8]) -> io::Result<()> {
     s.flush()
 }
 
-/// Connect, negotiate and disconnect: whether `target` serves its export now (and its size).
-pub fn probe(target: &Target) -> io::Result<u64> {
-    let conn = connect(target, None)?;
-    let size = conn.size;
-    conn.disconnect();
-    Ok(size)
-}
-
 /// Connect and negotiate; the connection is in transmission when this returns.
 fn connect(t: &Target, permit: Option<Permit>) -> io::Result<Conn> {
     connect_with(t, permit, None)
@@ -373,7 +365,7 @@ fn ask_block_status(conn: &mut Conn, t: &Target, extra: Option<&str>) -> io::Res
     // A dirty bitmap's connection asks for that context alone.
     let queries = match extra {
         Some(e) => vec![e],
-        None => vec!["base:allocation"],
+        None => vec![proto::BASE_ALLOCATION],
     };
     let query = proto::meta_request(&t.export, &queries);
     send(&mut *conn.s, &proto::option_request(proto::OPT_SET_META_CONTEXT, &query))?;
@@ -382,7 +374,7 @@ fn ask_block_status(conn: &mut Conn, t: &Target, extra: Option<&str>) -> io::Res
         match rep {
             proto::REP_META_CONTEXT => {
                 let (id, name) = proto::parse_meta_context(&data).map_err(|e| bad(t, e))?;
-                if name == "base:allocation" {
+                if name == proto::BASE_ALLOCATION {
                     conn.alloc_ctx = Some(id);
                 } else if Some(name.as_str()) == extra {
                     conn.extra_ctx = Some(id);
@@ -524,21 +516,34 @@ impl Conn {
                     ),
                 ));
             }
-            // The part of this piece inside `buf`; the widened edges go to scratch.
-            let lo = p_off.max(offset);
-            let hi = (p_off + p_len).min(end);
-            if lo == p_off && hi == p_off + p_len {
-                let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-                self.s.read_exact(dst).map_err(|e| closed(t, e, "in the middle of a read"))?;
-            } else {
-                scratch.resize(p_len as usize, 0);
-                self.s.read_exact(&mut scratch).map_err(|e| closed(t, e, "in the middle of a read"))?;
-                if lo < hi {
-                    buf[(lo - offset) as usize..(hi - offset) as usize]
-                        .copy_from_slice(&scratch[(lo - p_off) as usize..(hi - p_off) as usize]);
-                }
-            }
+            self.read_into(t, p_off..p_off + p_len, offset..end, buf, &mut scratch)?;
             received.fetch_add(p_len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Read the bytes of export range `piece` off the connection: the part inside `want` (the
+    /// bytes of `buf`) into `buf`, straight when the piece lies wholly inside, the widened
+    /// edges through `scratch`.
+    fn read_into(
+        &mut self,
+        t: &Target,
+        piece: std::ops::Range<u64>,
+        want: std::ops::Range<u64>,
+        buf: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let mid = |e| closed(t, e, "in the middle of a read");
+        let (lo, hi) = (piece.start.max(want.start), piece.end.min(want.end));
+        if lo == piece.start && hi == piece.end {
+            let dst = &mut buf[(lo - want.start) as usize..(hi - want.start) as usize];
+            return self.s.read_exact(dst).map_err(mid);
+        }
+        scratch.resize((piece.end - piece.start) as usize, 0);
+        self.s.read_exact(scratch).map_err(mid)?;
+        if lo < hi {
+            buf[(lo - want.start) as usize..(hi - want.start) as usize]
+                .copy_from_slice(&scratch[(lo - piece.start) as usize..(hi - piece.start) as usize]);
         }
         Ok(())
     }
@@ -575,18 +580,7 @@ impl Conn {
                     if !inside(at, n) || total[i] + n > p_len {
                         return Err(bad(t, format!("{n} bytes of data at {at} for a read of {p_len} at {p_off}")));
                     }
-                    let (lo, hi) = (at.max(want.start), (at + n).min(want.end));
-                    if lo == at && hi == at + n {
-                        let dst = &mut buf[(lo - want.start) as usize..(hi - want.start) as usize];
-                        self.s.read_exact(dst).map_err(mid)?;
-                    } else {
-                        scratch.resize(n as usize, 0);
-                        self.s.read_exact(&mut scratch).map_err(mid)?;
-                        if lo < hi {
-                            buf[(lo - want.start) as usize..(hi - want.start) as usize]
-                                .copy_from_slice(&scratch[(lo - at) as usize..(hi - at) as usize]);
-                        }
-                    }
+                    self.read_into(t, at..at + n, want.clone(), buf, &mut scratch)?;
                     covered[i].push((at, n));
                     total[i] += n;
                     received.fetch_add(n, Ordering::Relaxed);
@@ -643,9 +637,6 @@ impl Conn {
 
     /// A structured reply chunk's header: (flags, type, cookie, payload length).
     fn chunk_header(&mut self, t: &Target) -> io::Result<(u16, u16, u64, u32)> {
-        if !self.structured {
-            return Err(bad(t, "a structured reply without having asked for them"));
-        }
         let mut head = [0u8; 20];
         self.s.read_exact(&mut head[..4]).map_err(|e| closed(t, e, "in the middle of a reply"))?;
         if head[..4] == proto::SIMPLE_REPLY_MAGIC.to_be_bytes() {
@@ -683,15 +674,16 @@ impl Conn {
 
     /// `base:allocation` from `offset` rounded down to the minimum block (at most `len` bytes,
     /// at least one descriptor): that start, and runs of (length, reads as zeros).
-    fn block_status(&mut self, t: &Target, offset: u64, len: u64) -> io::Result<(u64, Vec<(u64, bool)>)> {
+    fn block_status(&mut self, t: &Target, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, bool)>> {
         let ctx = self.alloc_ctx.ok_or_else(|| bad(t, "no base:allocation context"))?;
-        let (start, runs) = self.status_of(t, ctx, offset, len)?;
-        Ok((start, runs.into_iter().map(|(n, state)| (n, state & proto::STATE_ZERO != 0)).collect()))
+        let runs = self.status_of(t, ctx, offset, len)?;
+        Ok(runs.into_iter().map(|(a, b, state)| (a, b, state & proto::STATE_ZERO != 0)).collect())
     }
 
     /// Meta context `ctx` from `offset` rounded down to the minimum block (at most `len`
-    /// bytes, at least one descriptor): that start and the runs of (length, state flags).
-    fn status_of(&mut self, t: &Target, ctx: u32, offset: u64, len: u64) -> io::Result<(u64, Vec<(u64, u32)>)> {
+    /// bytes, at least one descriptor): runs of (start, end, state flags), in order, clipped
+    /// to the export.
+    fn status_of(&mut self, t: &Target, ctx: u32, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, u32)>> {
         let start = offset / self.min_block * self.min_block;
         let len = (offset + len).min(self.size).saturating_sub(start).clamp(1, 1 << 30) as u32;
         let offset = start;
@@ -722,7 +714,11 @@ impl Conn {
                             if length == 0 {
                                 return Err(bad(t, "a block status descriptor of 0 bytes"));
                             }
-                            runs.push((length, state));
+                            // The last may reach past the request: clipped to the export.
+                            let at = runs.last().map_or(start, |r: &(u64, u64, u32)| r.1);
+                            if at < self.size {
+                                runs.push((at, at.saturating_add(length).min(self.size), state));
+                            }
                         }
                     }
                 }
@@ -740,7 +736,7 @@ impl Conn {
         if runs.is_empty() {
             return Err(bad(t, format!("no block status at {offset}")));
         }
-        Ok((start, runs))
+        Ok(runs)
     }
 
     /// Say goodbye (best effort).
@@ -780,7 +776,8 @@ impl Session {
     /// start, and runs of (length, reads as zeros).
     pub fn block_status(&mut self, offset: u64, len: u64) -> io::Result<(u64, Vec<(u64, bool)>)> {
         blockdev::check_range(self.conn.size, offset, 1)?;
-        self.conn.block_status(&self.target, offset, len)
+        let runs = self.conn.block_status(&self.target, offset, len)?;
+        Ok((runs[0].0, runs.iter().map(|&(a, b, zero)| (b - a, zero)).collect()))
     }
 
     fn start(stream: impl Read + Write + Send + 'static, export: &str, block_status: bool) -> io::Result<Session> {
@@ -818,21 +815,15 @@ pub fn dirty_ranges(t: &Target, bitmap: &str) -> io::Result<Vec<std::ops::Range<
     while at < size {
         // Each answer holds at least one non-empty descriptor from `at` (rounded down to the
         // minimum block): this ends.
-        let (start, runs) = conn.status_of(t, ctx, at, size - at)?;
         let before = at;
-        at = start;
-        for (len, state) in runs {
-            let end = at.saturating_add(len).min(size);
+        for (start, end, state) in conn.status_of(t, ctx, at, size - at)? {
             if state & 1 != 0 {
                 match out.last_mut() {
-                    Some(last) if last.end == at => last.end = end,
-                    _ => out.push(at..end),
+                    Some(last) if last.end == start => last.end = end,
+                    _ => out.push(start..end),
                 }
             }
             at = end;
-            if at >= size {
-                break;
-            }
         }
         if at <= before {
             conn.disconnect();
@@ -1026,20 +1017,11 @@ impl BlockDev for NbdDisk {
                 return Ok(Run { kind: Allocation::Data, len: max_len });
             }
             // Ask for a good stretch at once: the answers are cached.
-            let Ok((start, runs)) = conn.block_status(&self.target, offset, max_len.max(64 << 20)) else {
+            let Ok(runs) = conn.block_status(&self.target, offset, max_len.max(64 << 20)) else {
                 *slot = None; // a connection in an unknown state is not reused
                 return Ok(data);
             };
-            cache.clear();
-            let mut pos = start;
-            for (len, zero) in runs {
-                let end = pos.saturating_add(len).min(self.size);
-                cache.push((pos, end, zero));
-                pos = end;
-                if pos >= self.size {
-                    break;
-                }
-            }
+            *cache = runs;
         }
         // The run at `offset`: the cached runs of one kind from there on.
         let Some(i) = at(&cache) else {
