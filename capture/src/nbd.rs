@@ -1090,22 +1090,16 @@ mod tests {
     /// A server's handshake: greeting; with `structured`, structured replies and
     /// `base:allocation` as context 1 accepted; GO with an `size`-byte export.
     fn handshake(structured: bool, size: u64) -> Vec<u8> {
-        let opt = |b: &mut Vec<u8>, o: u32, rep: u32, data: &[u8]| {
-            b.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
-            b.extend_from_slice(&o.to_be_bytes());
-            b.extend_from_slice(&rep.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            b.extend_from_slice(data);
-        };
-        let mut b = b"NBDMAGICIHAVEOPT".to_vec();
-        b.extend_from_slice(&3u16.to_be_bytes());
+        let mut b = proto::greeting().to_vec();
+        let mut opt = |o: u32, rep: u32, data: &[u8]| b.extend(proto::option_reply(o, rep, data));
         if structured {
-            opt(&mut b, proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[]);
-            opt(&mut b, proto::OPT_SET_META_CONTEXT, proto::REP_META_CONTEXT, b"\0\0\0\x01base:allocation");
-            opt(&mut b, proto::OPT_SET_META_CONTEXT, proto::REP_ACK, &[]);
+            opt(proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[]);
+            let context = proto::rep_meta_context(1, proto::BASE_ALLOCATION);
+            opt(proto::OPT_SET_META_CONTEXT, proto::REP_META_CONTEXT, &context);
+            opt(proto::OPT_SET_META_CONTEXT, proto::REP_ACK, &[]);
         }
-        opt(&mut b, proto::OPT_GO, proto::REP_INFO, &proto::info_export(size, 1));
-        opt(&mut b, proto::OPT_GO, proto::REP_ACK, &[]);
+        opt(proto::OPT_GO, proto::REP_INFO, &proto::info_export(size, 1));
+        opt(proto::OPT_GO, proto::REP_ACK, &[]);
         b
     }
 
@@ -1142,9 +1136,11 @@ mod tests {
     fn options_sent(sent: &[u8]) -> Vec<u32> {
         let mut out = Vec::new();
         let mut at = 4; // after the client flags
-        while sent.len() >= at + 16 && &sent[at..at + 8] == b"IHAVEOPT" {
-            out.push(u32::from_be_bytes(sent[at + 8..at + 12].try_into().unwrap()));
-            at += 16 + u32::from_be_bytes(sent[at + 12..at + 16].try_into().unwrap()) as usize;
+        while let Some(Ok((option, len))) =
+            sent.get(at..at + 16).map(|h| proto::parse_option_header(h.try_into().unwrap()))
+        {
+            out.push(option);
+            at += 16 + len as usize;
         }
         out
     }

@@ -158,6 +158,42 @@ fn no_nbd_purpose_means_no_target() {
     assert!(nbd_target(&p.client, &vdi, &uuid, true).unwrap().is_none());
 }
 
+/// A qemu-nbd serving `file` read-only and persistently on a free loopback port, with `args`
+/// besides; killed when dropped (also when an assertion fails). Returns it and its port.
+fn qemu_nbd(file: &std::path::Path, args: &[String]) -> (Kill, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new("qemu-nbd")
+        .args(["--read-only", "--format=raw", "--bind=127.0.0.1", "--persistent"])
+        .args(args)
+        .arg(format!("--port={port}"))
+        .arg(file)
+        .spawn()
+        .expect("qemu-nbd (apt-get install qemu-utils)");
+    (Kill(child), port)
+}
+
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `NbdDisk::open`, retried while the server is not listening yet.
+fn open_when_up(target: &Target) -> std::io::Result<NbdDisk> {
+    let mut disk = NbdDisk::open(target.clone());
+    for _ in 0..100 {
+        if !disk.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        disk = NbdDisk::open(target.clone());
+    }
+    disk
+}
+
 /// qemu-nbd speaks NBD_OPT_GO (with block sizes): the other handshake path.
 #[test]
 fn nbd_reads_from_qemu_nbd() {
@@ -166,20 +202,7 @@ fn nbd_reads_from_qemu_nbd() {
     // qemu-nbd rounds sizes up to 512 bytes; reads below are unaligned anyway.
     let data: Vec<u8> = (0..(5u32 << 20) + 1536).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(&file, &data).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = std::process::Command::new("qemu-nbd")
-        .args([
-            "--read-only",
-            "--format=raw",
-            "--bind=127.0.0.1",
-            "--export-name=vm-disk",
-            "--persistent",
-            "--shared=2",
-        ])
-        .arg(format!("--port={port}"))
-        .arg(&file)
-        .spawn()
-        .expect("qemu-nbd (apt-get install qemu-utils)");
+    let (_server, port) = qemu_nbd(&file, &["--export-name=vm-disk".into(), "--shared=2".into()]);
     let target = Target {
         addr: format!("127.0.0.1:{port}"),
         export: "vm-disk".into(),
@@ -187,17 +210,7 @@ fn nbd_reads_from_qemu_nbd() {
         tls: None,
         block_status: false,
     };
-    let mut disk = None;
-    for _ in 0..100 {
-        match NbdDisk::open(target.clone()) {
-            Ok(d) => {
-                disk = Some(d);
-                break;
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
-        }
-    }
-    let disk = disk.expect("qemu-nbd answers");
+    let disk = open_when_up(&target).expect("qemu-nbd answers");
     assert_eq!(disk.len(), data.len() as u64);
     assert_eq!(disk.server_read_only(), Some(true));
     for (off, len) in [(0u64, data.len()), (3, 5), (data.len() as u64 - 1, 1), (1 << 20, 3 << 20)] {
@@ -208,8 +221,6 @@ fn nbd_reads_from_qemu_nbd() {
     let bad = Target { export: "nope".into(), ..target };
     let e = NbdDisk::open(bad).unwrap_err();
     assert!(e.to_string().contains("refused"), "{e}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// `nbds://` against qemu-nbd with x509 credentials: the server's certificate is checked
@@ -246,40 +257,14 @@ fn nbds_uris_check_the_servers_certificate_against_a_ca() {
     let file = dir.path().join("disk.raw");
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
     std::fs::write(&file, &data).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    /// Killed when dropped, also when an assertion fails.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Kill(
-        std::process::Command::new("qemu-nbd")
-            .args(["--read-only", "--format=raw", "--bind=127.0.0.1", "--export-name=d", "--persistent", "--shared=4"])
-            .arg(format!("--object=tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}", creds.display()))
-            .arg("--tls-creds=tls0")
-            .arg(format!("--port={port}"))
-            .arg(&file)
-            .spawn()
-            .expect("qemu-nbd (apt-get install qemu-utils)"),
-    );
+    let tls = format!("--object=tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}", creds.display());
+    let args = ["--export-name=d".into(), "--shared=4".into(), tls, "--tls-creds=tls0".into()];
+    let (_server, port) = qemu_nbd(&file, &args);
     let uri = |scheme: &str, dir: &std::path::Path| {
         format!("{scheme}://localhost:{port}/d?tls-certificates={}", dir.display())
     };
     let target = Target::from_uri(&uri("nbds", &creds)).unwrap();
-    let mut disk = Err(std::io::Error::other("not tried"));
-    for _ in 0..100 {
-        disk = NbdDisk::open(target.clone());
-        if disk.as_ref().is_ok_and(|_| true)
-            || disk.as_ref().is_err_and(|e| e.kind() != std::io::ErrorKind::ConnectionRefused)
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let disk = disk.expect("qemu-nbd answers over TLS");
+    let disk = open_when_up(&target).expect("qemu-nbd answers over TLS");
     let mut all = vec![0u8; data.len()];
     disk.read_at(0, &mut all).unwrap();
     assert!(all == data);

@@ -102,19 +102,7 @@ impl Pool {
 
     /// The bytes of each disk of a VM, by user device.
     fn disks(&self, name: &str) -> Vec<(String, Vec<u8>)> {
-        let vm = self.vm(name);
-        let st = self.sim.state();
-        let mut out: Vec<(String, Vec<u8>)> = st
-            .db
-            .refs(&vm, "VBDs")
-            .iter()
-            .map(|vbd| {
-                let uuid = st.db.str(&st.db.str(vbd, "VDI"), "uuid");
-                (st.db.str(vbd, "userdevice"), read_all(&st.disks[&uuid]))
-            })
-            .collect();
-        out.sort();
-        out
+        self.disks_of(&self.vm(name))
     }
 
     /// A running or suspended VM's memory image.
